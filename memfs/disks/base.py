@@ -1,0 +1,89 @@
+"""The disk interface and URI parsing shared by all back ends."""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+class DiskError(Exception):
+    """A disk could not be opened, read or written; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class DiskURI:
+    """A parsed disk URI.  ``scheme`` is ``file``, ``nbd`` or ``nbd+unix``."""
+
+    uri: str
+    scheme: str
+    path: str = ""          # file path
+    host: str = ""          # nbd TCP host
+    port: int = 10809       # nbd TCP port
+    export: str = ""        # nbd export name
+    socket: str = ""        # nbd+unix socket path
+    query: dict[str, str] = field(default_factory=dict)
+
+
+def parse_uri(uri: str) -> DiskURI:
+    """Parse a disk name: a plain path, file://, nbd:// or nbd+unix://."""
+    if "://" not in uri:
+        if not uri:
+            raise DiskError("empty disk name")
+        return DiskURI(uri, "file", path=os.path.abspath(uri))
+    u = urlsplit(uri)
+    query = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    if u.scheme == "file":
+        if u.netloc not in ("", "localhost"):
+            raise DiskError(f"{uri}: file URIs name a local path (file:///path)")
+        return DiskURI(uri, "file", path=unquote(u.path))
+    export = unquote(u.path[1:] if u.path.startswith("/") else u.path)
+    if u.scheme == "nbd":
+        if not u.hostname:
+            raise DiskError(f"{uri}: nbd:// needs a host")
+        try:
+            port = u.port or 10809
+        except ValueError:
+            raise DiskError(f"{uri}: bad port") from None
+        return DiskURI(uri, "nbd", host=u.hostname, port=port, export=export, query=query)
+    if u.scheme == "nbd+unix":
+        sock = query.get("socket", "")
+        if not sock:
+            raise DiskError(f"{uri}: nbd+unix:// needs ?socket=PATH")
+        return DiskURI(uri, "nbd+unix", export=export, socket=sock, query=query)
+    raise DiskError(f"{uri}: unsupported disk scheme {u.scheme!r} "
+                    "(use a path, file://, nbd:// or nbd+unix://)")
+
+
+class Disk(abc.ABC):
+    """A random-access byte range store.  All methods are trio-async."""
+
+    uri: str
+    size: int
+    #: the largest single request worth issuing; callers split larger ones
+    max_request: int = 32 << 20
+
+    @abc.abstractmethod
+    async def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or DiskError."""
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise DiskError(f"{self.uri}: opened read-only")
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the disk; further calls fail."""
+
+    def stats(self) -> dict[str, int]:
+        """Back-end counters (reconnects, retries, …) for the stats files."""
+        return {}
+
+    async def __aenter__(self) -> "Disk":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
