@@ -1,0 +1,529 @@
+"""NBD back end: a trio NBD client with several connections, retries and reconnects.
+
+The wire format is in :mod:`nbd_proto`; this module adds the policy a live
+migration needs.  Each connection has a background reader task that matches
+replies to requests by cookie, so any number of requests may be in flight.
+A request is driven by the task that asked for it: when its connection dies
+it is sent again on a new one (reads always; writes too, because writes to
+overlapping ranges are serialised here, so a resent write can never land
+over a newer one); error replies are retried with back-off a bounded number
+of times; and the whole request, retries included, has one deadline.
+Only :class:`DiskError` (or ``trio.Cancelled``) leaves ``read``/``write``/
+``flush``: a FUSE handler above must never see anything else.
+
+Tuning comes from ``open()`` keywords or the URI query:
+``?timeout=SECONDS&connections=N&retries=N``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from . import nbd_proto as p
+from .base import Disk, DiskError, DiskURI
+
+log = logging.getLogger("memfs.nbd")
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRIES = 4
+MAX_CONNECTIONS = 4
+#: errors a retry cannot fix: the request itself is wrong or the disk is full
+_FATAL_ERRNOS = {p.EPERM, p.EINVAL, p.ENOSPC, p.EOVERFLOW, p.ENOTSUP}
+
+StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class _Conn:
+    """One NBD connection in the transmission phase, with its reply reader."""
+
+    def __init__(self, disk: "NBDDisk", ident: int, stream: trio.abc.Stream,
+                 reader: p.Reader, info: p.ExportInfo) -> None:
+        self.disk = disk
+        self.ident = ident
+        self.stream = stream
+        self.reader = reader
+        self.info = info
+        self.pending: dict[int, p.Request] = {}
+        self.events: dict[int, trio.Event] = {}
+        self.send_lock = trio.Lock()
+        self.alive = True
+        #: why the connection died, and whether the server broke the protocol
+        self.death = ""
+        self.lied = False
+        #: writes acknowledged on this connection since its last flush
+        self.dirty = 0
+
+    async def run_reader(self) -> None:
+        """Match replies to requests until the connection dies, then fail the rest."""
+        reason = "closed"
+        try:
+            while True:
+                cookie, done = await p.receive_reply(self.reader, self.info.structured,
+                                                     self.pending)
+                if done:
+                    self.pending.pop(cookie)
+                    ev = self.events.pop(cookie, None)
+                    if ev is not None:
+                        ev.set()
+        except DiskError as e:
+            reason = str(e)
+            self.lied = isinstance(e, p.NBDProtocolError)
+            if self.alive and not self.disk._closing:
+                log.warning("%s: connection %d dropped: %s", self.disk.uri, self.ident, e)
+        except Exception as e:  # a bug here must not kill the trio run
+            reason = f"internal error: {e!r}"
+            log.exception("%s: connection %d reader failed", self.disk.uri, self.ident)
+        finally:
+            await self.kill(reason)
+
+    async def kill(self, reason: str) -> None:
+        """Hard disconnect: every request still waiting learns it was lost."""
+        if self.alive:
+            self.alive = False
+            self.death = reason
+            self.disk._conn_died(self, reason)
+        for ev in self.events.values():
+            ev.set()
+        self.events.clear()
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+    async def send(self, cookie: int, req: p.Request, payload: bytes | memoryview | None,
+                   timeout: float) -> trio.Event:
+        """Register and send one request; a half-sent request poisons the stream."""
+        ev = trio.Event()
+        header = p.encode_request(req.cmd, cookie, req.offset, req.length)
+        async with self.send_lock:
+            if not self.alive:
+                raise p.NBDConnectionLost("connection is closed")
+            self.pending[cookie] = req
+            self.events[cookie] = ev
+            ok = False
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(timeout):
+                    try:
+                        if payload is not None and len(payload) <= 64 << 10:
+                            await self.stream.send_all(header + bytes(payload))
+                        else:
+                            await self.stream.send_all(header)
+                            if payload is not None:
+                                await self.stream.send_all(payload)
+                        ok = True
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+                if not ok:
+                    await self.kill("send failed or timed out")
+                    raise p.NBDConnectionLost("connection lost while sending")
+        return ev
+
+
+class NBDDisk(Disk):
+    """An NBD export, read (and for capture written) over up to 4 connections."""
+
+    def __init__(self, parsed: DiskURI, writable: bool, timeout: float,
+                 connections: int, retries: int, connect: StreamFactory | None) -> None:
+        self.uri = parsed.uri
+        self._parsed = parsed
+        self._writable = writable
+        self.timeout = timeout
+        self.retries = retries
+        self._want_conns = connections
+        self._connect_stream = connect or self._default_connect
+        self._conns: list[_Conn] = []
+        self._conn_ids = itertools.count(1)
+        self._cookies = itertools.count(1)
+        self._reconnect_lock = trio.Lock()
+        self._writes: list[tuple[int, int, trio.Event]] = []
+        self._closing = False
+        self._nursery: trio.Nursery | None = None
+        self._supervisor_done = trio.Event()
+        self._supervisor_scope: trio.CancelScope | None = None
+        self.info: p.ExportInfo | None = None
+        self.size = 0
+        self.min_block = 1
+        self._lost_writes = 0
+        self._stats = {k: 0 for k in (
+            "nbd_connections", "nbd_reconnects", "nbd_retries", "nbd_resent", "nbd_in_flight",
+            "nbd_timeouts", "nbd_errors", "nbd_server_errors", "nbd_protocol_errors",
+            "nbd_requests", "nbd_bytes_read", "nbd_bytes_written", "nbd_flushes",
+            "nbd_lost_writes")}
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    async def open(cls, parsed: DiskURI, *, writable: bool = False,
+                   timeout: float | None = None, connections: int | None = None,
+                   retries: int | None = None, nursery: trio.Nursery | None = None,
+                   connect: StreamFactory | None = None) -> "NBDDisk":
+        """Connect and negotiate.  Background readers live in ``nursery`` if
+        given, else in a trio system task; either way ``aclose`` stops them.
+        ``connect`` replaces the socket (tests drive the client over memory streams).
+        """
+        q = parsed.query
+        try:
+            timeout = float(timeout if timeout is not None else q.get("timeout", DEFAULT_TIMEOUT))
+            connections = int(connections if connections is not None
+                              else q.get("connections", MAX_CONNECTIONS))
+            retries = int(retries if retries is not None else q.get("retries", DEFAULT_RETRIES))
+        except ValueError as e:
+            raise DiskError(f"{parsed.uri}: bad option: {e}") from None
+        if not (timeout > 0 and connections >= 1 and retries >= 0):
+            raise DiskError(f"{parsed.uri}: timeout, connections and retries must be positive")
+        self = cls(parsed, writable, timeout, min(connections, 16), retries, connect)
+        if nursery is not None:
+            await nursery.start(self._supervise)
+        else:
+            ready = trio.Event()
+            trio.lowlevel.spawn_system_task(self._supervise_system, ready,
+                                            name=f"nbd reader {parsed.uri}")
+            await ready.wait()
+        try:
+            with trio.fail_after(self.timeout):
+                conn = await self._open_conn()
+            info = self.info = conn.info
+            self.size = info.size
+            self.min_block = info.min_block
+            mp = min(info.max_payload, 32 << 20)
+            self.max_request = max(mp - mp % info.min_block, info.min_block)
+            if writable and info.read_only:
+                raise DiskError(f"{self.uri}: export is read-only")
+            n = self._want_conns if info.multi_conn else 1
+            for _ in range(n - 1):
+                with trio.fail_after(self.timeout):
+                    await self._open_conn()
+        except trio.TooSlowError:
+            await self.aclose()
+            raise DiskError(f"{parsed.uri}: no answer within {self.timeout:g} s") from None
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info("%s: %d bytes, %d connection(s), min/pref/max block %d/%d/%d, %s replies",
+                 self.uri, info.size, len(self._conns), info.min_block, info.pref_block,
+                 info.max_payload, "structured" if info.structured else "simple")
+        return self
+
+    async def _supervise_system(self, ready: trio.Event) -> None:
+        try:
+            async with trio.open_nursery() as n:
+                await n.start(self._supervise)
+                ready.set()
+        except Exception:  # never let a system task crash the run
+            log.exception("%s: supervisor failed", self.uri)
+        finally:
+            ready.set()
+
+    async def _supervise(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the reader tasks, so that aclose can cancel all of them at once."""
+        try:
+            with trio.CancelScope() as scope:
+                self._supervisor_scope = scope
+                async with trio.open_nursery() as n:
+                    self._nursery = n
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._supervisor_done.set()
+
+    async def _default_connect(self) -> trio.abc.Stream:
+        u = self._parsed
+        try:
+            if u.scheme == "nbd+unix":
+                return await trio.open_unix_socket(u.socket)
+            return await trio.open_tcp_stream(u.host, u.port)
+        except OSError as e:
+            raise p.NBDConnectionLost(f"cannot connect: {e.strerror or e}") from None
+
+    async def _open_conn(self) -> _Conn:
+        if self._closing or self._nursery is None:
+            raise DiskError(f"{self.uri}: disk is closed")
+        stream = await self._connect_stream()
+        try:
+            info, reader = await p.handshake(stream, self._parsed.export)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        if self.info is not None and (info.size != self.info.size
+                                      or info.min_block != self.info.min_block):
+            await stream.aclose()
+            raise DiskError(f"{self.uri}: export changed on reconnect "
+                            f"(size {self.info.size} -> {info.size})")
+        conn = _Conn(self, next(self._conn_ids), stream, reader, info)
+        self._conns.append(conn)
+        self._stats["nbd_connections"] = len(self._conns)
+        self._nursery.start_soon(conn.run_reader)
+        return conn
+
+    def _conn_died(self, conn: _Conn, reason: str) -> None:
+        if conn in self._conns:
+            self._conns.remove(conn)
+        self._stats["nbd_connections"] = len(self._conns)
+        if conn.lied:
+            self._stats["nbd_protocol_errors"] += 1
+        if conn.dirty:
+            self._lost_writes += conn.dirty
+            self._stats["nbd_lost_writes"] += conn.dirty
+            log.error("%s: %d acknowledged write(s) were not flushed when connection %d "
+                      "dropped (%s); they may be lost", self.uri, conn.dirty, conn.ident, reason)
+            conn.dirty = 0
+
+    async def _get_conn(self) -> _Conn:
+        """The least busy live connection; reconnects (with back-off) if none is left."""
+        delay = 0.05
+        while True:
+            live = [c for c in self._conns if c.alive]
+            if live:
+                return min(live, key=lambda c: len(c.pending))
+            if self._closing:
+                raise DiskError(f"{self.uri}: disk is closed")
+            async with self._reconnect_lock:
+                if any(c.alive for c in self._conns):
+                    continue
+                try:
+                    conn = await self._open_conn()
+                except (p.NBDConnectionLost, p.NBDProtocolError) as e:
+                    log.warning("%s: reconnect failed: %s; again in %.2f s", self.uri, e, delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                self._stats["nbd_reconnects"] += 1
+                log.warning("%s: reconnected (connection %d)", self.uri, conn.ident)
+                return conn
+
+    # ------------------------------------------------------------ requests
+
+    async def _request(self, cmd: int, offset: int, length: int,
+                       payload: bytes | memoryview | None = None) -> bytearray | None:
+        """One command, under one deadline, resent and retried until it succeeds."""
+        what = f"{p.CMD_NAMES[cmd]} of {length} bytes at {offset}"
+        self._stats["nbd_requests"] += 1
+        self._stats["nbd_in_flight"] += 1
+        last = "no attempt"
+        try:
+            with trio.move_on_after(self.timeout) as deadline:
+                errors = 0
+                while True:
+                    conn = await self._get_conn()
+                    req = p.Request(cmd, offset, length,
+                                    bytearray(length) if cmd == p.CMD_READ else None)
+                    cookie = next(self._cookies)
+                    sent_at = conn.reader.received
+                    try:
+                        ev = await conn.send(cookie, req, payload, self.timeout)
+                        try:
+                            await ev.wait()
+                        except trio.Cancelled:
+                            # Abandoned: its reply is still read and dropped.  A
+                            # connection that said nothing since we sent is wedged.
+                            conn.events.pop(cookie, None)
+                            if deadline.cancel_called and conn.reader.received == sent_at:
+                                self._nursery_kill(conn, "no reply within the timeout")
+                            raise
+                    except p.NBDConnectionLost as e:
+                        last = str(e)
+                        self._stats["nbd_resent"] += 1
+                        continue
+                    if cookie in conn.pending:      # woken by a dying connection
+                        conn.pending.pop(cookie, None)
+                        last = conn.death or "connection lost"
+                        if conn.lied:               # a lying server gets few chances
+                            if errors >= self.retries:
+                                break
+                            errors += 1
+                            self._stats["nbd_retries"] += 1
+                        self._stats["nbd_resent"] += 1
+                        log.info("%s: %s resent after connection loss", self.uri, what)
+                        continue
+                    if not req.error:
+                        if cmd == p.CMD_WRITE:
+                            conn.dirty += 1
+                        return req.buf
+                    self._stats["nbd_server_errors"] += 1
+                    last = f"server error {p.errno_name(req.error)}" + (
+                        f": {req.message}" if req.message else "")
+                    if req.error in _FATAL_ERRNOS or errors >= self.retries:
+                        break
+                    errors += 1
+                    self._stats["nbd_retries"] += 1
+                    log.warning("%s: %s failed (%s); retry %d of %d", self.uri, what, last,
+                                errors, self.retries)
+                    await trio.sleep(min(0.02 * 4 ** (errors - 1), 1.0))
+            if deadline.cancelled_caught:
+                self._stats["nbd_timeouts"] += 1
+                last = f"timed out after {self.timeout:g} s ({last})"
+        except DiskError as e:
+            last = str(e)
+        finally:
+            self._stats["nbd_in_flight"] -= 1
+        self._stats["nbd_errors"] += 1
+        log.error("%s: %s failed: %s", self.uri, what, last)
+        raise DiskError(f"{self.uri}: {what} failed: {last}")
+
+    def _nursery_kill(self, conn: _Conn, reason: str) -> None:
+        log.warning("%s: connection %d is stalled; dropping it", self.uri, conn.ident)
+        if self._nursery is not None:
+            self._nursery.start_soon(conn.kill, reason)
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._closing:
+            raise DiskError(f"{self.uri}: disk is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise DiskError(f"{self.uri}: {length} bytes at {offset} is beyond the end "
+                            f"({self.size} bytes)")
+
+    def _pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        step = self.max_request
+        return [(o, min(step, end - o)) for o in range(start, end, step)]
+
+    async def _read_aligned(self, start: int, end: int) -> bytearray:
+        pieces = self._pieces(start, end)
+        if len(pieces) == 1:
+            out = await self._request(p.CMD_READ, start, end - start)
+            assert out is not None
+            return out
+        out = bytearray(end - start)
+
+        async def one(o: int, n: int) -> None:
+            data = await self._request(p.CMD_READ, o, n)
+            out[o - start:o - start + n] = data  # type: ignore[index]
+        await _gather(one, pieces)
+        return out
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        if length == 0:
+            return b""
+        mb = self.min_block
+        start, end = offset - offset % mb, _round_up(offset + length, mb)
+        if end > self.size:
+            raise DiskError(f"{self.uri}: {length} bytes at {offset} cannot be read "
+                            f"in {mb}-byte blocks")
+        buf = await self._read_aligned(start, end)
+        self._stats["nbd_bytes_read"] += length
+        if start == offset and end - start == length:
+            return bytes(buf)
+        return bytes(memoryview(buf)[offset - start:offset - start + length])
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        if not self._writable:
+            raise DiskError(f"{self.uri}: opened read-only")
+        data = memoryview(data).cast("B")
+        self._check(offset, len(data))
+        if not len(data):
+            return
+        mb = self.min_block
+        start, end = offset - offset % mb, _round_up(offset + len(data), mb)
+        async with self._write_range(start, end):
+            if (start, end) != (offset, offset + len(data)):
+                # Read-modify-write of the partial blocks, safe because
+                # overlapping writes are serialised by _write_range.
+                buf = await self._read_aligned(start, end)
+                buf[offset - start:offset - start + len(data)] = data
+                data = memoryview(buf)
+            await _gather(lambda o, n: self._request(p.CMD_WRITE, o, n,
+                                                     data[o - start:o - start + n]),
+                          self._pieces(start, end))
+        self._stats["nbd_bytes_written"] += end - start
+
+    def _write_range(self, start: int, end: int) -> "_RangeLock":
+        return _RangeLock(self._writes, start, end)
+
+    async def flush(self) -> None:
+        """Flush every connection; fail if any acknowledged write may have been lost."""
+        if self._closing:
+            raise DiskError(f"{self.uri}: disk is closed")
+        if not self._writable:
+            return
+        assert self.info is not None
+        if self.info.can_flush:
+            # We only open several connections when the server has CAN_MULTI_CONN,
+            # so one flush covers every write completed (on any connection)
+            # before it was sent.
+            dirty = {c: c.dirty for c in self._conns}
+            await self._request(p.CMD_FLUSH, 0, 0)
+            for c, n in dirty.items():
+                c.dirty -= min(c.dirty, n)
+            self._stats["nbd_flushes"] += 1
+        if self._lost_writes:
+            n, self._lost_writes = self._lost_writes, 0
+            raise DiskError(f"{self.uri}: {n} acknowledged write(s) were on a connection "
+                            "that dropped before a flush; they may not have landed")
+
+    async def aclose(self) -> None:
+        """Disconnect politely (NBD_CMD_DISC), then stop the reader tasks."""
+        if self._closing:
+            await self._supervisor_done.wait()
+            return
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(2):
+                for c in list(self._conns):
+                    if c.alive:
+                        with trio.move_on_after(0.5):
+                            async with c.send_lock:
+                                try:
+                                    await c.stream.send_all(p.encode_request(p.CMD_DISC, 0, 0, 0))
+                                except (trio.BrokenResourceError, trio.ClosedResourceError,
+                                        OSError):
+                                    pass
+                    await c.kill("disk closed")
+            if self._supervisor_scope is not None:
+                self._supervisor_scope.cancel()
+                await self._supervisor_done.wait()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+
+class _RangeLock:
+    """Waits until no other write overlaps [start, end), then holds the range."""
+
+    def __init__(self, held: list[tuple[int, int, trio.Event]], start: int, end: int) -> None:
+        self.held, self.start, self.end = held, start, end
+        self.entry: tuple[int, int, trio.Event] | None = None
+
+    async def __aenter__(self) -> None:
+        while True:
+            clash = next((ev for s, e, ev in self.held if s < self.end and self.start < e), None)
+            if clash is None:
+                break
+            await clash.wait()
+        self.entry = (self.start, self.end, trio.Event())
+        self.held.append(self.entry)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.entry is not None
+        self.held.remove(self.entry)
+        self.entry[2].set()
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+async def _gather(fn: Callable[..., Awaitable[object]], args: list[tuple[Any, int]]) -> None:
+    """Run ``fn(*a)`` for each ``a`` concurrently; the first DiskError wins."""
+    if len(args) == 1:
+        await fn(*args[0])
+        return
+    failure: list[DiskError] = []
+
+    async def run(a: tuple[Any, int]) -> None:
+        try:
+            await fn(*a)
+        except DiskError as e:
+            failure.append(e)
+            nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        for a in args:
+            nursery.start_soon(run, a)
+    if failure:
+        raise failure[0]
+
+
+__all__ = ["NBDDisk", "DEFAULT_TIMEOUT"]

@@ -1,0 +1,392 @@
+"""The NBD wire protocol: handshake, requests and replies, with no policy.
+
+This module speaks doc/proto.md of the NetworkBlockDevice project over any
+``trio.abc.Stream`` and nothing else: no sockets, no retries, no timeouts.
+That keeps it testable over ``trio.testing`` memory streams against a server
+that lies.  Every protocol violation raises :class:`NBDProtocolError` and an
+early end of stream :class:`NBDConnectionLost`, both :class:`DiskError`\\ s,
+so that nothing else ever reaches a caller.  After either, the stream is
+unusable and must be closed (the spec's "hard disconnect").
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import trio
+
+from .base import DiskError
+
+# Handshake magics and flags.
+NBDMAGIC = 0x4E42444D41474943            # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054            # "IHAVEOPT"
+OLDSTYLE_MAGIC = 0x00420281861253
+OPT_REPLY_MAGIC = 0x0003E889045565A9
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+
+# Options.
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+
+# Option replies.
+REP_ACK = 1
+REP_INFO = 3
+REP_ERR = 1 << 31
+REP_ERR_UNSUP = REP_ERR + 1
+REP_ERR_NAMES = {
+    REP_ERR + 1: "unsupported option", REP_ERR + 2: "forbidden by policy",
+    REP_ERR + 3: "invalid", REP_ERR + 4: "not supported on this platform",
+    REP_ERR + 5: "TLS required", REP_ERR + 6: "unknown export",
+    REP_ERR + 7: "server shutting down", REP_ERR + 8: "block size negotiation required",
+    REP_ERR + 9: "request too big",
+}
+
+# Information types.
+INFO_EXPORT = 0
+INFO_BLOCK_SIZE = 3
+
+# Transmission flags.
+TFLAG_HAS_FLAGS = 1 << 0
+TFLAG_READ_ONLY = 1 << 1
+TFLAG_SEND_FLUSH = 1 << 2
+TFLAG_SEND_FUA = 1 << 3
+TFLAG_CAN_MULTI_CONN = 1 << 8
+
+# Commands.
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_NAMES = {CMD_READ: "read", CMD_WRITE: "write", CMD_DISC: "disconnect", CMD_FLUSH: "flush"}
+
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# Structured reply chunks.
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+REPLY_TYPE_ERROR_BIT = 1 << 15
+
+# Errors a server may return (NBD numbers, which are Linux errno values).
+EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22, 28, 75, 95, 108
+ERRNO_NAMES = {EPERM: "EPERM", EIO: "EIO", ENOMEM: "ENOMEM", EINVAL: "EINVAL",
+               ENOSPC: "ENOSPC", EOVERFLOW: "EOVERFLOW", ENOTSUP: "ENOTSUP",
+               ESHUTDOWN: "ESHUTDOWN"}
+
+#: Default limits (proto.md "Size constraints") when the server advertises none.
+DEFAULT_MIN_BLOCK = 1
+DEFAULT_PREF_BLOCK = 4096
+DEFAULT_MAX_PAYLOAD = 32 << 20
+#: The longest option reply or error message we accept; anything longer is a lie.
+MAX_OPTION_REPLY = 64 << 10
+
+_REQ = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IQ")          # after the 4-byte magic: error, cookie
+_CHUNK = struct.Struct(">HHQI")         # after the magic: flags, type, cookie, length
+
+
+class NBDProtocolError(DiskError):
+    """The server broke the protocol; the connection must be dropped."""
+
+
+class NBDConnectionLost(DiskError):
+    """The stream ended or failed; requests in flight may be sent again elsewhere."""
+
+
+def errno_name(err: int) -> str:
+    return ERRNO_NAMES.get(err, f"error {err}")
+
+
+@dataclass
+class ExportInfo:
+    """What the handshake learnt about the export."""
+
+    size: int
+    flags: int
+    structured: bool
+    min_block: int = DEFAULT_MIN_BLOCK
+    pref_block: int = DEFAULT_PREF_BLOCK
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.flags & TFLAG_READ_ONLY)
+
+    @property
+    def can_flush(self) -> bool:
+        return bool(self.flags & TFLAG_SEND_FLUSH)
+
+    @property
+    def multi_conn(self) -> bool:
+        return bool(self.flags & TFLAG_CAN_MULTI_CONN)
+
+
+class Reader:
+    """Buffered exact reads from a stream: the protocol is all fixed-size fields."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        #: bumped on every byte received, so a caller can tell a stalled peer
+        self.received = 0
+
+    async def _fill(self, want: int) -> None:
+        try:
+            chunk = await self._stream.receive_some(max(want, 256 << 10))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise NBDConnectionLost(f"connection lost: {e or type(e).__name__}") from None
+        if not chunk:
+            raise NBDConnectionLost("server closed the connection")
+        self.received += len(chunk)
+        self._buf += chunk
+
+    async def exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            await self._fill(n - len(self._buf))
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def into(self, view: memoryview) -> None:
+        """Fill ``view`` completely (large payloads skip one copy)."""
+        n = len(view)
+        have = min(n, len(self._buf))
+        view[:have] = self._buf[:have]
+        del self._buf[:have]
+        while have < n:
+            await self._fill(n - have)
+            take = min(n - have, len(self._buf))
+            view[have:have + take] = self._buf[:take]
+            del self._buf[:take]
+            have += take
+
+    async def skip(self, n: int) -> None:
+        while n:
+            chunk = await self.exactly(min(n, 1 << 20))
+            n -= len(chunk)
+
+
+# ---------------------------------------------------------------- handshake
+
+def encode_option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, opt, len(data)) + data
+
+
+def encode_go(export: str, infos: tuple[int, ...] = (INFO_BLOCK_SIZE,)) -> bytes:
+    name = export.encode()
+    return struct.pack(f">I{len(name)}sH{len(infos)}H", len(name), name, len(infos), *infos)
+
+
+async def _option_reply(reader: Reader, opt: int) -> tuple[int, bytes]:
+    magic, ropt, rtype, length = struct.unpack(">QIII", await reader.exactly(20))
+    if magic != OPT_REPLY_MAGIC:
+        raise NBDProtocolError(f"bad option reply magic {magic:#x}")
+    if ropt != opt:
+        raise NBDProtocolError(f"reply to option {ropt} while waiting for option {opt}")
+    if length > MAX_OPTION_REPLY:
+        raise NBDProtocolError(f"option reply of {length} bytes is too long")
+    return rtype, await reader.exactly(length)
+
+
+def _option_error(what: str, rtype: int, data: bytes) -> DiskError:
+    msg = data.decode(errors="replace").strip()
+    name = REP_ERR_NAMES.get(rtype, f"error {rtype - REP_ERR}")
+    return DiskError(f"{what}: {name}" + (f" ({msg})" if msg else ""))
+
+
+async def handshake(stream: trio.abc.Stream, export: str, *,
+                    structured: bool = True) -> tuple[ExportInfo, Reader]:
+    """Fixed-newstyle negotiation up to the transmission phase.
+
+    Asks for structured replies (when ``structured``), then NBD_OPT_GO with
+    NBD_INFO_BLOCK_SIZE (which commits us to the server's limits); falls back
+    to NBD_OPT_EXPORT_NAME only for servers without NBD_OPT_GO.
+    """
+    reader = Reader(stream)
+    try:
+        magic, second, hflags = struct.unpack(">QQH", await reader.exactly(18))
+        if magic != NBDMAGIC:
+            raise NBDProtocolError(f"not an NBD server (magic {magic:#x})")
+        if second == OLDSTYLE_MAGIC:
+            raise NBDProtocolError("oldstyle NBD servers are not supported")
+        if second != IHAVEOPT:
+            raise NBDProtocolError(f"bad handshake magic {second:#x}")
+        if not hflags & FLAG_FIXED_NEWSTYLE:
+            raise NBDProtocolError("server does not speak fixed-newstyle NBD")
+        cflags = FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES)
+        await stream.send_all(struct.pack(">I", cflags))
+
+        sr = False
+        if structured:
+            await stream.send_all(encode_option(OPT_STRUCTURED_REPLY))
+            rtype, data = await _option_reply(reader, OPT_STRUCTURED_REPLY)
+            if rtype == REP_ACK:
+                sr = True
+            elif not rtype & REP_ERR:
+                raise NBDProtocolError(f"unexpected reply {rtype} to structured-reply option")
+
+        await stream.send_all(encode_option(OPT_GO, encode_go(export)))
+        info = ExportInfo(size=-1, flags=0, structured=sr)
+        while True:
+            rtype, data = await _option_reply(reader, OPT_GO)
+            if rtype == REP_ACK:
+                break
+            if rtype == REP_INFO:
+                _parse_info(info, data)
+                continue
+            if rtype == REP_ERR_UNSUP:
+                return await _export_name(stream, reader, export, cflags, sr), reader
+            if rtype & REP_ERR:
+                raise _option_error(f"export {export!r}", rtype, data)
+            raise NBDProtocolError(f"unexpected reply {rtype} to NBD_OPT_GO")
+        if info.size < 0:
+            raise NBDProtocolError("server accepted NBD_OPT_GO without NBD_INFO_EXPORT")
+        return info, reader
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        raise NBDConnectionLost(f"connection lost during handshake: {e}") from None
+
+
+def _parse_info(info: ExportInfo, data: bytes) -> None:
+    if len(data) < 2:
+        raise NBDProtocolError("empty NBD_REP_INFO")
+    (itype,) = struct.unpack_from(">H", data)
+    if itype == INFO_EXPORT:
+        if len(data) != 12:
+            raise NBDProtocolError(f"NBD_INFO_EXPORT of {len(data)} bytes")
+        info.size, info.flags = struct.unpack_from(">QH", data, 2)
+    elif itype == INFO_BLOCK_SIZE:
+        if len(data) != 14:
+            raise NBDProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes")
+        mn, pref, mx = struct.unpack_from(">III", data, 2)
+        if mn < 1 or mn & (mn - 1) or mn > 65536 or pref < mn or mx < mn:
+            raise NBDProtocolError(f"nonsensical block sizes min={mn} pref={pref} max={mx}")
+        info.min_block, info.pref_block, info.max_payload = mn, pref, mx
+    # other information types are ignored, as the spec requires
+
+
+async def _export_name(stream: trio.abc.Stream, reader: Reader, export: str,
+                       cflags: int, sr: bool) -> ExportInfo:
+    await stream.send_all(encode_option(OPT_EXPORT_NAME, export.encode()))
+    size, flags = struct.unpack(">QH", await reader.exactly(10))
+    if not cflags & FLAG_NO_ZEROES:
+        await reader.exactly(124)
+    return ExportInfo(size=size, flags=flags, structured=sr)
+
+
+# ---------------------------------------------------------------- transmission
+
+def encode_request(cmd: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return _REQ.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+
+@dataclass
+class Request:
+    """One command in flight, as the reply reader needs to see it.
+
+    ``buf`` receives a read's data; ``error`` is the server's errno (0: none).
+    """
+
+    cmd: int
+    offset: int
+    length: int
+    buf: bytearray | None = None
+    error: int = 0
+    message: str = ""
+    #: content ranges (start, end) seen in a structured reply, to check cover
+    _seen: list[tuple[int, int]] = field(default_factory=list)
+
+
+async def receive_reply(reader: Reader, structured: bool,
+                        pending: dict[int, Request]) -> tuple[int, bool]:
+    """Read one reply (simple) or one chunk (structured) and apply it.
+
+    Returns ``(cookie, done)``; ``done`` means the request is complete and its
+    ``error``/``buf`` are final.  A reply for a cookie not in ``pending``,
+    data outside the request, overlaps or a gap at the end are lies.
+    """
+    (magic,) = struct.unpack(">I", await reader.exactly(4))
+    if magic == SIMPLE_REPLY_MAGIC:
+        error, cookie = _SIMPLE.unpack(await reader.exactly(_SIMPLE.size))
+        req = _lookup(pending, cookie)
+        if structured and req.cmd == CMD_READ and not error:
+            raise NBDProtocolError("simple reply with data to a read after structured "
+                                   "replies were negotiated")
+        req.error = error
+        if req.cmd == CMD_READ and not error:
+            assert req.buf is not None
+            await reader.into(memoryview(req.buf))
+        return cookie, True
+    if magic != STRUCTURED_REPLY_MAGIC or not structured:
+        raise NBDProtocolError(f"bad reply magic {magic:#x}")
+    flags, rtype, cookie, length = _CHUNK.unpack(await reader.exactly(_CHUNK.size))
+    req = _lookup(pending, cookie)
+    done = bool(flags & REPLY_FLAG_DONE)
+    if rtype == REPLY_TYPE_NONE:
+        if length or not done:
+            raise NBDProtocolError("NBD_REPLY_TYPE_NONE chunk with payload or without DONE")
+    elif rtype == REPLY_TYPE_OFFSET_DATA:
+        if req.cmd != CMD_READ or length < 9:
+            raise NBDProtocolError(f"bad data chunk (length {length}) for a {CMD_NAMES.get(req.cmd)}")
+        (off,) = struct.unpack(">Q", await reader.exactly(8))
+        n = length - 8
+        _claim(req, off, n)
+        assert req.buf is not None
+        start = off - req.offset
+        await reader.into(memoryview(req.buf)[start:start + n])
+    elif rtype == REPLY_TYPE_OFFSET_HOLE:
+        if req.cmd != CMD_READ or length != 12:
+            raise NBDProtocolError(f"bad hole chunk (length {length})")
+        off, n = struct.unpack(">QI", await reader.exactly(12))
+        if n == 0:
+            raise NBDProtocolError("empty hole chunk")
+        _claim(req, off, n)
+        assert req.buf is not None
+        start = off - req.offset
+        req.buf[start:start + n] = bytes(n)
+    elif rtype & REPLY_TYPE_ERROR_BIT:
+        if length < 6:
+            raise NBDProtocolError(f"error chunk of {length} bytes")
+        payload = await reader.exactly(length)
+        err, mlen = struct.unpack_from(">IH", payload)
+        if 6 + mlen > length:
+            raise NBDProtocolError("error chunk message longer than the chunk")
+        req.error = err or EIO       # an error chunk is an error, whatever it says
+        req.message = payload[6:6 + mlen].decode(errors="replace")
+    else:
+        raise NBDProtocolError(f"unknown structured reply type {rtype}")
+    if done and not req.error and req.cmd == CMD_READ:
+        covered = sorted(req._seen)
+        pos = req.offset
+        for s, e in covered:
+            if s != pos:
+                raise NBDProtocolError(f"read reply at {req.offset}+{req.length} "
+                                       f"does not cover {pos}..{s}")
+            pos = e
+        if pos != req.offset + req.length:
+            raise NBDProtocolError(f"short read reply: {pos - req.offset} of {req.length} bytes")
+    return cookie, done
+
+
+def _lookup(pending: dict[int, Request], cookie: int) -> Request:
+    req = pending.get(cookie)
+    if req is None:
+        raise NBDProtocolError(f"reply for unknown cookie {cookie:#x}")
+    return req
+
+
+def _claim(req: Request, off: int, n: int) -> None:
+    if off < req.offset or off + n > req.offset + req.length:
+        raise NBDProtocolError(f"chunk {off}+{n} outside the request {req.offset}+{req.length}")
+    for s, e in req._seen:
+        if off < e and s < off + n:
+            raise NBDProtocolError(f"chunk {off}+{n} overlaps an earlier chunk")
+    req._seen.append((off, off + n))
