@@ -62,11 +62,12 @@ def guest_append(fill_mib: int = 64, work_pages: int = 64, tick_ms: int = 50,
 
 
 def guest_config(image: GuestImage, memory: dict[str, Any], name: str,
-                 incoming: str | None = None, **append: Any) -> VMConfig:
+                 incoming: str | None = None, paused: bool = False, **append: Any) -> VMConfig:
     """A VMConfig booting the test guest with RAM ``memory``; the keyword
     arguments go to guest_append (fill_mib, work_pages, tick_ms, ...)."""
     return VMConfig(memory=memory, kernel=str(image.kernel), initrd=str(image.initrd),
-                    append=guest_append(**append), incoming=incoming, name=name)
+                    append=guest_append(**append), incoming=incoming, paused=paused,
+                    name=name)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class VMConfig:
     initrd: str | None = None
     append: str | None = None
     incoming: str | None = None         # "defer": wait for migrate-incoming
+    paused: bool = False                # -S: do not run until "cont"
     machine: str = "q35"
     accel: str = "tcg"
     smp: int = 1
@@ -97,6 +98,8 @@ class VMConfig:
             argv += ["-append", self.append]
         if self.incoming:
             argv += ["-incoming", self.incoming]
+        if self.paused:
+            argv.append("-S")
         return argv + list(self.extra_args)
 
 
