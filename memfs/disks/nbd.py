@@ -259,6 +259,17 @@ class NBDDisk(Disk):
         self._nursery.start_soon(conn.run_reader)
         return conn
 
+    async def _top_up(self) -> None:
+        """After a reconnect, reopen the other connections in the background."""
+        while not self._closing and len(self._conns) < self._want_conns:
+            try:
+                with trio.fail_after(self.timeout):
+                    await self._open_conn()
+            except (DiskError, trio.TooSlowError) as e:
+                log.info("%s: extra connection not reopened: %s", self.uri, e)
+                return
+            self._stats["nbd_reconnects"] += 1
+
     def _conn_died(self, conn: _Conn, reason: str) -> None:
         if conn in self._conns:
             self._conns.remove(conn)
@@ -293,6 +304,8 @@ class NBDDisk(Disk):
                     continue
                 self._stats["nbd_reconnects"] += 1
                 log.warning("%s: reconnected (connection %d)", self.uri, conn.ident)
+                if conn.info.multi_conn and self._want_conns > 1 and self._nursery:
+                    self._nursery.start_soon(self._top_up)
                 return conn
 
     # ------------------------------------------------------------ requests
