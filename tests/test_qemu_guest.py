@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from memfs.qemu import VM, QMPError, file_backend, qemu_binary
+from memfs.qemu import VM, QMPClosed, QMPError, file_backend, qemu_binary
 from memfs.qemu.guest import (GuestImage, build_guest, expected_fill_md5, expected_work_md5,
                               guest_config, read_sum)
 from memfs.qemu.plain import migrate_and_wait, migrate_incoming, set_capabilities
@@ -64,7 +64,26 @@ async def test_guest_data_matches_model(guest: GuestImage, shm: Path, tmp_path: 
                 await vm.qmp.execute("no-such-command")
             with pytest.raises(QMPError):
                 await vm.qmp.execute("migrate-incoming", {"uri": "unix:/nonexistent"})
+            await vm.qmp.execute("stop")
+            assert (await vm.qmp.wait_event("STOP", timeout=10))["event"] == "STOP"
+            await vm.qmp.execute("cont")
+            await vm.qmp.wait_event("RESUME", timeout=10)
             assert (await vm.qmp.execute("query-status"))["status"] == "running"
+
+
+async def test_qemu_killed_on_error(guest: GuestImage, shm: Path, tmp_path: Path) -> None:
+    """An exception inside VM.start still ends QEMU; a dead QEMU fails QMP calls."""
+    cfg = guest_config(guest, file_backend(shm / "ram", RAM), "g", fill_mib=4)
+    with trio.fail_after(30):
+        with pytest.raises(KeyError):
+            async with VM.start(cfg, tmp_path) as vm:
+                raise KeyError("boom")
+        assert vm.process.returncode is not None
+        async with VM.start(cfg, tmp_path) as vm:
+            vm.process.kill()
+            await vm.process.wait()
+            with pytest.raises(QMPClosed):
+                await vm.qmp.execute("query-status")
 
 
 @pytest.mark.parametrize("dest", ["same-file", "copy-share-off"])

@@ -18,8 +18,8 @@ import itertools
 import json
 import math
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
@@ -87,13 +87,14 @@ class QMP:
             if "QMP" not in greeting:
                 raise QMPClosed(f"{path}: not a QMP greeting: {greeting!r}")
             qmp.greeting = greeting["QMP"]
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(qmp._reader)
-                await qmp.execute("qmp_capabilities", timeout=timeout)
-                try:
-                    yield qmp
-                finally:
-                    nursery.cancel_scope.cancel()
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(qmp._reader)
+                    await qmp.execute("qmp_capabilities", timeout=timeout)
+                    try:
+                        yield qmp
+                    finally:
+                        nursery.cancel_scope.cancel()
 
     # -- commands ---------------------------------------------------------
 
@@ -188,6 +189,21 @@ class QMP:
             for p in self._pending.values():
                 p.done.set()
             self._event_arrived.set()
+
+
+@contextmanager
+def unwrap_single() -> Iterator[None]:
+    """Re-raise a lone exception out of a nursery's ExceptionGroup.
+
+    Why: our context managers run helper tasks in a nursery around the
+    caller's block; an error in that block should reach the caller as itself,
+    not wrapped in a group."""
+    try:
+        yield
+    except BaseExceptionGroup as eg:
+        if len(eg.exceptions) == 1:
+            raise eg.exceptions[0]
+        raise
 
 
 def _matches(data: dict[str, Any], match: dict[str, Any] | None) -> bool:

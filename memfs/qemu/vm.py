@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from .qmp import QMP
+from .qmp import QMP, unwrap_single
 
 __all__ = ["VM", "VMConfig", "Console", "file_backend", "memfd_backend", "qemu_binary",
            "longest_gap"]
@@ -226,22 +226,23 @@ class VM:
         log = open(workdir / f"{config.name}.console", "w") if log_console else None
         try:
             console = Console(process.stdin)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(console._pump, process.stdout, log)
-                stderr = bytearray()
-                nursery.start_soon(_collect, process.stderr, stderr)
-                try:
-                    await _wait_socket(qmp_path, process, stderr)
-                    async with QMP.connect(qmp_path) as qmp:
-                        vm = cls(config, workdir, process, qmp, console)
-                        vm._stderr = stderr
-                        try:
-                            yield vm
-                        finally:
-                            await _shutdown(vm)
-                finally:
-                    _kill(process)
-                    nursery.cancel_scope.cancel()
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(console._pump, process.stdout, log)
+                    stderr = bytearray()
+                    nursery.start_soon(_collect, process.stderr, stderr)
+                    try:
+                        await _wait_socket(qmp_path, process, stderr)
+                        async with QMP.connect(qmp_path) as qmp:
+                            vm = cls(config, workdir, process, qmp, console)
+                            vm._stderr = stderr
+                            try:
+                                yield vm
+                            finally:
+                                await _shutdown(vm)
+                    finally:
+                        _kill(process)
+                        nursery.cancel_scope.cancel()
         finally:
             _kill(process)
             with trio.CancelScope(shield=True):
