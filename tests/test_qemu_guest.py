@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from memfs.qemu import VM, QMPClosed, QMPError, file_backend, qemu_binary
+from memfs.qemu import VM, QMPClosed, QMPError, file_backend, memfd_backend, qemu_binary
 from memfs.qemu.guest import (GuestImage, build_guest, expected_fill_md5, expected_work_md5,
                               guest_config, read_sum)
 from memfs.qemu.plain import migrate_and_wait, migrate_incoming, set_capabilities
@@ -131,3 +131,17 @@ async def test_migrate_x_ignore_shared(guest: GuestImage, shm: Path, tmp_path: P
                 assert later.work == expected_work_md5(guest, later.gen)
                 assert later.fill == before.fill
     assert not os.path.exists(src.qmp_path) or src.process.returncode is not None
+
+
+async def test_memfd_ram_is_readable(guest: GuestImage, tmp_path: Path) -> None:
+    """With a memfd backend, the guest RAM is a file the host can read."""
+    cfg = guest_config(guest, memfd_backend(RAM), "m", fill_mib=8)
+    with trio.fail_after(60):
+        async with VM.start(cfg, tmp_path) as vm:
+            await vm.console.expect(r"^READY", 30)
+            path = vm.memfd_path()
+            assert os.stat(path).st_size == RAM
+            with open(path, "rb") as f:
+                ram = f.read()
+            # the guest's random block sits in its RAM (page cache of /rand.bin)
+            assert guest.rand.read_bytes()[:4096] in ram

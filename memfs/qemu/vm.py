@@ -251,6 +251,19 @@ class VM:
             if log is not None:
                 log.close()
 
+    def memfd_path(self) -> str:
+        """/proc/PID/fd/N of the guest's memfd RAM (memfd_backend): the path
+        ``memfs capture --ram`` reads while QEMU runs."""
+        fds = Path(f"/proc/{self.pid}/fd")
+        for fd in sorted(fds.iterdir(), key=lambda p: int(p.name)):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("/memfd:") and "memory-backend" in target:
+                return str(fd)
+        raise FileNotFoundError(f"QEMU {self.pid} has no memory-backend memfd open")
+
     async def wait_status(self, status: str, timeout: float = 60.0) -> None:
         """Poll query-status until the run state is ``status`` (e.g. running)."""
         with trio.fail_after(timeout):
