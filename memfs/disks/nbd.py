@@ -49,7 +49,9 @@ class _Conn:
         self.info = info
         self.pending: dict[int, p.Request] = {}
         self.events: dict[int, trio.Event] = {}
-        self.send_lock = trio.Lock()
+        self.outq: list[bytes | memoryview] = []
+        self.out_lot = trio.lowlevel.ParkingLot()
+        self.sending = False
         self.alive = True
         #: why the connection died, and whether the server broke the protocol
         self.death = ""
@@ -86,39 +88,57 @@ class _Conn:
             self.alive = False
             self.death = reason
             self.disk._conn_died(self, reason)
+        self.out_lot.unpark_all()
         for ev in self.events.values():
             ev.set()
         self.events.clear()
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
 
-    async def send(self, cookie: int, req: p.Request, payload: bytes | memoryview | None,
-                   timeout: float) -> trio.Event:
-        """Register and send one request; a half-sent request poisons the stream."""
+    def submit(self, cookie: int, req: p.Request,
+               payload: bytes | memoryview | None) -> trio.Event:
+        """Register a request and queue it for the writer task.
+
+        Queuing is synchronous, so a caller cancelled at any point can never
+        leave half a request on the wire; the writer batches whatever is
+        queued into one send.
+        """
+        if not self.alive:
+            raise p.NBDConnectionLost(self.death or "connection is closed")
         ev = trio.Event()
-        header = p.encode_request(req.cmd, cookie, req.offset, req.length)
-        async with self.send_lock:
-            if not self.alive:
-                raise p.NBDConnectionLost("connection is closed")
-            self.pending[cookie] = req
-            self.events[cookie] = ev
-            ok = False
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(timeout):
-                    try:
-                        if payload is not None and len(payload) <= 64 << 10:
-                            await self.stream.send_all(header + bytes(payload))
-                        else:
-                            await self.stream.send_all(header)
-                            if payload is not None:
-                                await self.stream.send_all(payload)
-                        ok = True
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
-                if not ok:
-                    await self.kill("send failed or timed out")
-                    raise p.NBDConnectionLost("connection lost while sending")
+        self.pending[cookie] = req
+        self.events[cookie] = ev
+        self.outq.append(p.encode_request(req.cmd, cookie, req.offset, req.length))
+        if payload is not None:
+            self.outq.append(payload)
+        self.out_lot.unpark_all()
         return ev
+
+    async def run_writer(self) -> None:
+        """Send queued requests in order, as few sends as possible."""
+        try:
+            while self.alive:
+                if not self.outq:
+                    await self.out_lot.park()
+                    continue
+                batch, self.outq = self.outq, []
+                self.sending = True
+                small: list[bytes | memoryview] = []
+                for item in batch:
+                    if len(item) <= 64 << 10:
+                        small.append(item)
+                        continue
+                    if small:
+                        await self.stream.send_all(b"".join(small))
+                        small = []
+                    await self.stream.send_all(item)
+                if small:
+                    await self.stream.send_all(b"".join(small) if len(small) > 1 else small[0])
+                self.sending = False
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            if self.alive and not self.disk._closing:
+                log.warning("%s: connection %d: send failed: %s", self.disk.uri, self.ident, e)
+            await self.kill(f"send failed: {e}")
 
 
 class NBDDisk(Disk):
@@ -257,6 +277,7 @@ class NBDDisk(Disk):
         self._conns.append(conn)
         self._stats["nbd_connections"] = len(self._conns)
         self._nursery.start_soon(conn.run_reader)
+        self._nursery.start_soon(conn.run_writer)
         return conn
 
     async def _top_up(self) -> None:
@@ -327,7 +348,7 @@ class NBDDisk(Disk):
                     cookie = next(self._cookies)
                     sent_at = conn.reader.received
                     try:
-                        ev = await conn.send(cookie, req, payload, self.timeout)
+                        ev = conn.submit(cookie, req, payload)
                         try:
                             await ev.wait()
                         except trio.Cancelled:
@@ -477,13 +498,11 @@ class NBDDisk(Disk):
             with trio.move_on_after(2):
                 for c in list(self._conns):
                     if c.alive:
+                        c.outq.append(p.encode_request(p.CMD_DISC, 0, 0, 0))
+                        c.out_lot.unpark_all()
                         with trio.move_on_after(0.5):
-                            async with c.send_lock:
-                                try:
-                                    await c.stream.send_all(p.encode_request(p.CMD_DISC, 0, 0, 0))
-                                except (trio.BrokenResourceError, trio.ClosedResourceError,
-                                        OSError):
-                                    pass
+                            while c.alive and (c.outq or c.sending):
+                                await trio.sleep(0.002)
                     await c.kill("disk closed")
             if self._supervisor_scope is not None:
                 self._supervisor_scope.cancel()
