@@ -310,7 +310,9 @@ async def test_server_killed_and_restarted_mid_reads(tmp_path: object, server: s
                 mid = done
             assert done == 16 * 60 and mid < done
             st = disk.stats()
-            assert st["nbd_reconnects"] >= 1 and st["nbd_resent"] >= 1
+            assert st["nbd_reconnects"] >= 1
+            if server == "nbdkit":      # its 20 ms read delay guarantees reads in flight
+                assert st["nbd_resent"] >= 1
             assert st["nbd_errors"] == 0
             assert disk.info is not None
             want = 4 if disk.info.multi_conn else 1

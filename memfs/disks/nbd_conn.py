@@ -1,0 +1,171 @@
+"""One NBD connection (reader and writer tasks) and small helpers for :mod:`nbd`.
+
+Kept apart from the disk's policy so each module stays short: a connection
+knows how to queue requests, send them in order and match replies by cookie;
+when it dies it wakes every waiter, and the disk decides what to resend.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import trio
+
+from . import nbd_proto as p
+from .base import DiskError
+
+if TYPE_CHECKING:
+    from .nbd import NBDDisk
+
+log = logging.getLogger("memfs.nbd")
+
+
+class Conn:
+    """One NBD connection in the transmission phase, with its reply reader."""
+
+    def __init__(self, disk: "NBDDisk", ident: int, stream: trio.abc.Stream,
+                 reader: p.Reader, info: p.ExportInfo) -> None:
+        self.disk = disk
+        self.ident = ident
+        self.stream = stream
+        self.reader = reader
+        self.info = info
+        self.pending: dict[int, p.Request] = {}
+        self.events: dict[int, trio.Event] = {}
+        self.outq: list[bytes | memoryview] = []
+        self.out_lot = trio.lowlevel.ParkingLot()
+        self.sending = False
+        self.alive = True
+        #: why the connection died, and whether the server broke the protocol
+        self.death = ""
+        self.lied = False
+        #: writes acknowledged on this connection since its last flush
+        self.dirty = 0
+
+    async def run_reader(self) -> None:
+        """Match replies to requests until the connection dies, then fail the rest."""
+        reason = "closed"
+        try:
+            while True:
+                cookie, done = await p.receive_reply(self.reader, self.info.structured,
+                                                     self.pending)
+                if done:
+                    self.pending.pop(cookie)
+                    ev = self.events.pop(cookie, None)
+                    if ev is not None:
+                        ev.set()
+        except DiskError as e:
+            reason = str(e)
+            self.lied = isinstance(e, p.NBDProtocolError)
+            if self.alive and not self.disk._closing:
+                log.warning("%s: connection %d dropped: %s", self.disk.uri, self.ident, e)
+        except Exception as e:  # a bug here must not kill the trio run
+            reason = f"internal error: {e!r}"
+            log.exception("%s: connection %d reader failed", self.disk.uri, self.ident)
+        finally:
+            await self.kill(reason)
+
+    async def kill(self, reason: str) -> None:
+        """Hard disconnect: every request still waiting learns it was lost."""
+        if self.alive:
+            self.alive = False
+            self.death = reason
+            self.disk._conn_died(self, reason)
+        self.out_lot.unpark_all()
+        for ev in self.events.values():
+            ev.set()
+        self.events.clear()
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+    def submit(self, cookie: int, req: p.Request,
+               payload: bytes | memoryview | None) -> trio.Event:
+        """Register a request and queue it for the writer task.
+
+        Queuing is synchronous, so a caller cancelled at any point can never
+        leave half a request on the wire; the writer batches whatever is
+        queued into one send.
+        """
+        if not self.alive:
+            raise p.NBDConnectionLost(self.death or "connection is closed")
+        ev = trio.Event()
+        self.pending[cookie] = req
+        self.events[cookie] = ev
+        self.outq.append(p.encode_request(req.cmd, cookie, req.offset, req.length))
+        if payload is not None:
+            self.outq.append(payload)
+        self.out_lot.unpark_all()
+        return ev
+
+    async def run_writer(self) -> None:
+        """Send queued requests in order, as few sends as possible."""
+        try:
+            while self.alive:
+                if not self.outq:
+                    await self.out_lot.park()
+                    continue
+                batch, self.outq = self.outq, []
+                self.sending = True
+                small: list[bytes | memoryview] = []
+                for item in batch:
+                    if len(item) <= 64 << 10:
+                        small.append(item)
+                        continue
+                    if small:
+                        await self.stream.send_all(b"".join(small))
+                        small = []
+                    await self.stream.send_all(item)
+                if small:
+                    await self.stream.send_all(b"".join(small) if len(small) > 1 else small[0])
+                self.sending = False
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            if self.alive and not self.disk._closing:
+                log.warning("%s: connection %d: send failed: %s", self.disk.uri, self.ident, e)
+            await self.kill(f"send failed: {e}")
+
+
+class RangeLock:
+    """Waits until no other write overlaps [start, end), then holds the range."""
+
+    def __init__(self, held: list[tuple[int, int, trio.Event]], start: int, end: int) -> None:
+        self.held, self.start, self.end = held, start, end
+        self.entry: tuple[int, int, trio.Event] | None = None
+
+    async def __aenter__(self) -> None:
+        while True:
+            clash = next((ev for s, e, ev in self.held if s < self.end and self.start < e), None)
+            if clash is None:
+                break
+            await clash.wait()
+        self.entry = (self.start, self.end, trio.Event())
+        self.held.append(self.entry)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.entry is not None
+        self.held.remove(self.entry)
+        self.entry[2].set()
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+async def gather(fn: Callable[..., Awaitable[object]], args: list[tuple[Any, int]]) -> None:
+    """Run ``fn(*a)`` for each ``a`` concurrently; the first DiskError wins."""
+    if len(args) == 1:
+        await fn(*args[0])
+        return
+    failure: list[DiskError] = []
+
+    async def run(a: tuple[Any, int]) -> None:
+        try:
+            await fn(*a)
+        except DiskError as e:
+            failure.append(e)
+            nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        for a in args:
+            nursery.start_soon(run, a)
+    if failure:
+        raise failure[0]
