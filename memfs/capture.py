@@ -1,0 +1,256 @@
+"""Capture (source host): guest RAM -> migration volume + page map.
+
+Every page is classified: zero (no location), unchanged since the base pass
+(keeps its location), or new (written to the volume at its fixed identity
+offset and checksummed).  RAM is read in large sequential chunks by a reader
+task while the main task classifies and writes, so the disk and the CPU work
+at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import trio
+
+from .disks import Disk, DiskError, open_disk
+from .pagemap import PAGE_SIZE, PageMap, PageMapError, PageState, Region, checksum
+
+log = logging.getLogger("memfs.capture")
+
+CHUNK = 8 << 20
+ALIGN = 1 << 20
+
+
+class CaptureError(Exception):
+    """Capture could not run; the message says why."""
+
+
+class Referencer(Protocol):
+    """Finds a page's content on a disk the page map may refer to (issue 6)."""
+
+    disk_uri: str
+
+    async def find(self, csum: int, page: bytes) -> int | None:
+        """Byte offset on ``disk_uri`` holding exactly ``page``, or None."""
+
+
+@dataclass
+class CaptureResult:
+    pages_total: int = 0
+    pages_zero: int = 0
+    pages_written: int = 0
+    pages_unchanged: int = 0
+    pages_referenced: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    volume: str = ""
+    pagemap: str = ""
+    regions: dict[str, int] = field(default_factory=dict)
+    #: pages written by this pass that a base pass had with other content
+    hot_pages: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def layout(sizes: Sequence[int]) -> list[int]:
+    """Identity layout: the volume offset of each region (1 MiB aligned)."""
+    offsets, at = [], 0
+    for s in sizes:
+        offsets.append(at)
+        at += (s + ALIGN - 1) // ALIGN * ALIGN
+    offsets.append(at)
+    return offsets
+
+
+def parse_ram_args(rams: Sequence[str]) -> list[tuple[str, str]]:
+    """``[NAME=]PATH`` arguments -> (region name, path); names default to ramN."""
+    out = []
+    for i, arg in enumerate(rams):
+        name, sep, path = arg.partition("=")
+        if not sep or "/" in name:
+            name, path = f"ram{i}", arg
+        out.append((name, path))
+    return out
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool | None = None) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._last = 0.0
+
+    def update(self, n: int, label: str) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.2 and self.done < self.total):
+            return
+        self._last = now
+        frac = self.done / self.total
+        rate = self.done / max(now - self.t0, 1e-6) / (1 << 20)
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r{label:<10} [{bar:<30}] {frac:6.1%} {rate:8.1f} MiB/s")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
+                  base: str | None = None, referencer: Referencer | None = None,
+                  progress: bool | None = None) -> CaptureResult:
+    """Capture the RAM files ``rams`` into ``volume_uri`` and write ``out``."""
+    t0 = time.monotonic()
+    sizes = []
+    for name, path in rams:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CaptureError(f"cannot read RAM {path}: {e.strerror}") from None
+        if st.st_size <= 0 or st.st_size % PAGE_SIZE:
+            raise CaptureError(f"RAM {path} has size {st.st_size}, not a positive multiple "
+                               f"of {PAGE_SIZE}")
+        sizes.append(st.st_size)
+    base_pm = _load_base(base, rams, sizes, volume_uri) if base else None
+    offsets = layout(sizes)
+    pm = PageMap()
+    vol_index = pm.disk_index(volume_uri)
+    result = CaptureResult(volume=volume_uri, pagemap=out)
+    bar = Progress(sum(sizes), progress)
+    try:
+        volume = await open_disk(volume_uri, writable=True, create_size=offsets[-1])
+    except DiskError as e:
+        raise CaptureError(f"cannot open volume: {e}") from None
+    async with volume:
+        if volume.size < offsets[-1]:
+            raise CaptureError(f"volume {volume_uri} holds {volume.size} bytes; the RAM "
+                               f"needs {offsets[-1]}")
+        for (name, path), size, voff in zip(rams, sizes, offsets):
+            region = Region.empty(name, size)
+            old = base_pm.region(name) if base_pm else None
+            await _capture_region(path, region, volume, vol_index, voff, old, base_pm, pm,
+                                  referencer, result, lambda n: bar.update(n, name))
+            pm.regions.append(region)
+            result.regions[name] = size
+        await volume.flush()
+    pm.meta = {"created": time.time(), "pass": (base_pm.meta.get("pass", 1) + 1) if base_pm
+               else 1, "volume": volume_uri}
+    await trio.to_thread.run_sync(pm.save, out)
+    result.seconds = round(time.monotonic() - t0, 3)
+    return result
+
+
+def _load_base(base: str, rams: Sequence[tuple[str, str]], sizes: list[int],
+               volume_uri: str) -> PageMap:
+    try:
+        pm = PageMap.load(base)
+    except PageMapError as e:
+        raise CaptureError(f"base page map: {e}") from None
+    want = {n: s for (n, _), s in zip(rams, sizes)}
+    have = {r.name: r.size for r in pm.regions}
+    if want != have:
+        raise CaptureError(f"base page map {base} has regions {have}, the RAM has {want}")
+    if volume_uri not in pm.disks:
+        raise CaptureError(f"base page map {base} does not use volume {volume_uri}")
+    return pm
+
+
+async def _read_chunks(path: str, size: int, send: trio.MemorySendChannel) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        async with send:
+            for off in range(0, size, CHUNK):
+                n = min(CHUNK, size - off)
+                data = await trio.to_thread.run_sync(_pread_full, fd, off, n)
+                await send.send((off, data))
+    finally:
+        os.close(fd)
+
+
+def _pread_full(fd: int, off: int, n: int) -> bytes:
+    data = os.pread(fd, n, off)
+    while len(data) < n:
+        more = os.pread(fd, n - len(data), off + len(data))
+        if not more:
+            raise CaptureError(f"RAM file ended early at {off + len(data)}")
+        data += more
+    return data
+
+
+async def _capture_region(path: str, region: Region, volume: Disk, vol_index: int,
+                          voff: int, old: Region | None, base_pm: PageMap | None,
+                          pm: PageMap, referencer: Referencer | None,
+                          result: CaptureResult, tick: Callable[[int], None]) -> None:
+    ps = region.page_size
+    zero_chunk = bytes(CHUNK)
+    send, recv = trio.open_memory_channel[tuple[int, bytes]](2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_chunks, path, region.size, send, name=f"read {path}")
+        async with recv:
+            async for off, data in recv:
+                first = off // ps
+                npages = len(data) // ps
+                result.pages_total += npages
+                if data == zero_chunk[:len(data)]:
+                    result.pages_zero += npages  # Region.empty made them zero pages
+                    tick(len(data))
+                    continue
+                await _capture_chunk(region, first, memoryview(data), volume, vol_index,
+                                     voff, old, base_pm, pm, referencer, result)
+                tick(len(data))
+
+
+async def _capture_chunk(region: Region, first: int, view: memoryview, volume: Disk,
+                         vol_index: int, voff: int, old: Region | None,
+                         base_pm: PageMap | None, pm: PageMap,
+                         referencer: Referencer | None, result: CaptureResult) -> None:
+    ps = region.page_size
+    zero = bytes(ps)
+    npages = len(view) // ps
+    write_from = -1  # start (page index within chunk) of a run of pages to write
+
+    async def flush(upto: int) -> None:
+        nonlocal write_from
+        if write_from >= 0:
+            a, b = write_from * ps, upto * ps
+            await volume.write(voff + (first + write_from) * ps, view[a:b])
+            result.bytes_written += b - a
+            write_from = -1
+
+    for k in range(npages):
+        p = first + k
+        page = view[k * ps:(k + 1) * ps]
+        if page == zero:
+            await flush(k)
+            result.pages_zero += 1
+            continue
+        csum = checksum(page)
+        if old is not None and old.states[p] == PageState.REMOTE and old.checksums[p] == csum:
+            await flush(k)
+            assert base_pm is not None
+            region.set_remote(p, pm.disk_index(base_pm.disks[old.disks[p]]), old.offsets[p], csum)
+            result.pages_unchanged += 1
+            continue
+        if referencer is not None:
+            where = await referencer.find(csum, bytes(page))
+            if where is not None:
+                await flush(k)
+                region.set_remote(p, pm.disk_index(referencer.disk_uri), where, csum)
+                result.pages_referenced += 1
+                continue
+        if write_from < 0:
+            write_from = k
+        region.set_remote(p, vol_index, voff + p * ps, csum)
+        result.pages_written += 1
+        if old is not None and old.states[p] != PageState.ZERO:
+            result.hot_pages += 1
+    await flush(npages)

@@ -1,0 +1,312 @@
+"""The ``memfs`` command: capture, mount, load, umount, stats, …
+
+Each sub-command is a small function that turns arguments into a call to the
+layer that does the work, and turns that layer's one error type into a
+message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import trio
+
+from . import __version__
+from .capture import CaptureError, capture, parse_ram_args
+from .daemon import Daemon, MountError, MountOptions, check_mountpoint
+from .disks import DiskError
+from .pagemap import PageMap, PageMapError
+from .report import render_stats, parse_size
+
+log = logging.getLogger("memfs")
+
+
+class UsageError(Exception):
+    pass
+
+
+def setup_logging(debug: bool, logfile: str | None = None) -> None:
+    handler: logging.Handler = (logging.FileHandler(logfile) if logfile
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+# -- capture -------------------------------------------------------------------
+
+def cmd_capture(a: argparse.Namespace) -> int:
+    referencer = None
+    if a.disk or a.index:
+        from .index import open_referencer  # issue 6: disk references
+        if not (a.disk and a.index):
+            raise UsageError("--disk and --index go together")
+        referencer = open_referencer(a.disk, a.index, frozen=a.disk_frozen)
+    res = trio.run(lambda: capture(parse_ram_args(a.ram), a.volume, a.out, base=a.base,
+                                   referencer=referencer,
+                                   progress=None if not a.no_progress else False))
+    if a.json:
+        print(json.dumps(res.as_dict(), indent=1))
+    else:
+        mib = res.bytes_written / (1 << 20)
+        print(f"captured {res.pages_total} pages in {res.seconds:.2f}s: "
+              f"{res.pages_zero} zero, {res.pages_written} written ({mib:.1f} MiB), "
+              f"{res.pages_unchanged} unchanged since the base pass, "
+              f"{res.pages_referenced} referenced on a disk")
+        print(f"page map: {res.pagemap}")
+    return 0
+
+
+# -- mount -----------------------------------------------------------------------
+
+def mount_options(a: argparse.Namespace) -> MountOptions:
+    pm = PageMap.load(a.pagemap) if a.pagemap else None
+    regions: dict[str, int] = {}
+    for spec in a.region or []:
+        name, sep, size = spec.partition(":")
+        if not sep:
+            raise UsageError(f"--region {spec}: expected NAME:SIZE")
+        try:
+            regions[name] = parse_size(size)
+        except ValueError as e:
+            raise UsageError(f"--region {spec}: {e}") from None
+    if pm and regions:
+        raise UsageError("give a page map or --region, not both")
+    return MountOptions(
+        mountpoint=os.path.abspath(a.mountpoint), pagemap=pm, regions=regions,
+        store_dir=a.store, allow_other=a.allow_other, debug_fuse=a.debug_fuse,
+        read_ahead_kb=a.read_ahead_kb, max_read=a.max_read, fetch_retries=a.retries,
+        mode=int(a.mode, 8), bdi_max_ratio=a.bdi_max_ratio,
+        bdi_strict_limit=a.bdi_strict_limit)
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    if a.pagemap and not os.path.isfile(a.pagemap) and os.path.isdir(a.pagemap) \
+            and a.mountpoint is None:
+        a.pagemap, a.mountpoint = None, a.pagemap
+    if a.mountpoint is None:
+        raise UsageError("no mount point given")
+    opts = mount_options(a)
+    check_mountpoint(opts.mountpoint)
+    if a.foreground:
+        setup_logging(a.debug, a.log)
+        trio.run(Daemon(opts).run)
+        return 0
+    return _daemonize(opts, a)
+
+
+def _daemonize(opts: MountOptions, a: argparse.Namespace) -> int:
+    logfile = a.log or os.path.join(
+        "/run/memfs", opts.mountpoint.strip("/").replace("/", "-") + ".log")
+    os.makedirs(os.path.dirname(logfile), exist_ok=True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode(errors="replace").strip()
+        if msg.startswith("OK"):
+            print(f"memfs: mounted {opts.mountpoint} (pid {msg.split()[1]}, log {logfile})")
+            return 0
+        os.waitpid(pid, 0)
+        print(f"memfs: mount failed: {msg or 'daemon died; see ' + logfile}", file=sys.stderr)
+        return 1
+    # child: detach, log to the file, report readiness through the pipe
+    os.close(r)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    setup_logging(a.debug, logfile)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+
+    def ready() -> None:
+        os.write(w, f"OK {os.getpid()}\n".encode())
+        os.close(w)
+
+    code = 0
+    try:
+        trio.run(Daemon(opts).run, ready)
+    except BaseException as e:  # report whatever stopped us to the waiting parent
+        log.exception("daemon failed")
+        try:
+            os.write(w, f"{e}\n".encode())
+        except OSError:
+            pass
+        code = 1
+    os._exit(code)
+
+
+# -- load / umount / stats ---------------------------------------------------------
+
+def _meta(mountpoint: str, name: str) -> str:
+    return os.path.join(mountpoint, ".memfs", name)
+
+
+def cmd_load(a: argparse.Namespace) -> int:
+    PageMap.load(a.pagemap)  # a clear error here rather than a bare EINVAL later
+    try:
+        with open(_meta(a.mountpoint, "control"), "w") as f:
+            f.write(f"load {os.path.abspath(a.pagemap)}\n")
+    except OSError as e:
+        try:
+            with open(_meta(a.mountpoint, "last_error")) as f:
+                why = f.read().strip()
+        except OSError:
+            why = e.strerror or str(e)
+        print(f"memfs: load failed: {why}", file=sys.stderr)
+        return 1
+    print(f"memfs: page map {a.pagemap} installed on {a.mountpoint}")
+    return 0
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    mp = os.path.abspath(a.mountpoint)
+    try:
+        with open(_meta(mp, "pid")) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        print(f"memfs: {mp} is not a memfs mount", file=sys.stderr)
+        return 1
+    res = subprocess.run(["fusermount3", "-u"] + (["-z"] if a.lazy else []) + [mp],
+                         capture_output=True, text=True)
+    if res.returncode:
+        print(f"memfs: unmount failed: {res.stderr.strip()}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + a.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.05)
+    print(f"memfs: daemon {pid} still running after {a.timeout}s", file=sys.stderr)
+    return 1
+
+
+def read_stats(mountpoint: str) -> dict:
+    with open(_meta(mountpoint, "stats.json")) as f:
+        return json.load(f)
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    while True:
+        try:
+            snap = read_stats(a.mountpoint)
+        except OSError as e:
+            print(f"memfs: cannot read stats of {a.mountpoint}: {e.strerror}", file=sys.stderr)
+            return 1
+        text = json.dumps(snap, indent=1, sort_keys=True) if a.json else render_stats(snap)
+        if a.watch is None:
+            print(text)
+            return 0
+        sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+        sys.stdout.flush()
+        time.sleep(a.watch)
+
+
+# -- parser --------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memfs", description="Lazy guest RAM for live migration.")
+    p.add_argument("--version", action="version", version=f"memfs {__version__}")
+    p.add_argument("--debug", action="store_true", help="verbose logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("capture", help="RAM -> migration volume + page map")
+    c.add_argument("--ram", action="append", required=True, metavar="[NAME=]PATH",
+                   help="a RAM file (/dev/shm/…, /proc/PID/fd/N); repeat for more regions")
+    c.add_argument("--volume", required=True, metavar="URI", help="migration volume")
+    c.add_argument("--out", required=True, metavar="PAGEMAP", help="page map to write")
+    c.add_argument("--base", metavar="PAGEMAP", help="previous pass: rewrite changed pages only")
+    c.add_argument("--disk", metavar="URI", help="a disk whose blocks pages may refer to")
+    c.add_argument("--index", metavar="INDEX", help="the index of --disk (memfs index)")
+    c.add_argument("--disk-frozen", action="store_true",
+                   help="the disk will not change although it is writable (a snapshot)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_capture)
+
+    m = sub.add_parser("mount", help="serve regions over FUSE")
+    m.add_argument("pagemap", nargs="?", help="page map (omit with --region to load later)")
+    m.add_argument("mountpoint", nargs="?")
+    m.add_argument("--region", action="append", metavar="NAME:SIZE",
+                   help="serve a region before its page map arrives (memfs load)")
+    m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    m.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
+    m.add_argument("--allow-other", action="store_true", help="let other users (qemu) in")
+    m.add_argument("--mode", default="600", help="octal mode of region files (600)")
+    m.add_argument("--store", metavar="DIR", help="local store directory (default: temporary)")
+    m.add_argument("--read-ahead-kb", type=int, metavar="KB", help="bdi read-ahead")
+    m.add_argument("--max-read", type=int, metavar="BYTES", help="largest READ the kernel sends")
+    m.add_argument("--bdi-max-ratio", type=int, metavar="PCT", help="bdi max_ratio")
+    m.add_argument("--bdi-strict-limit", type=int, choices=(0, 1), help="bdi strict_limit")
+    m.add_argument("--retries", type=int, default=3, help="fetch retries before EIO (3)")
+    m.add_argument("--log", metavar="FILE", help="log file (daemon default /run/memfs/…)")
+    m.set_defaults(func=cmd_mount)
+
+    lo = sub.add_parser("load", help="hand a page map to a waiting mount")
+    lo.add_argument("mountpoint")
+    lo.add_argument("pagemap")
+    lo.set_defaults(func=cmd_load)
+
+    u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
+    u.add_argument("mountpoint")
+    u.add_argument("-z", "--lazy", action="store_true", help="lazy unmount")
+    u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    u.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("stats", help="show a mount's statistics")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true", help="raw JSON")
+    s.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                   help="refresh in place")
+    s.set_defaults(func=cmd_stats)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+#: other modules' sub-commands (index, migrate) register here
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _load_extras() -> None:
+    for mod in ("memfs.index", "memfs.qemu.migrate"):
+        try:
+            module = __import__(mod, fromlist=["add_parser"])
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        if hasattr(module, "add_parser"):
+            _EXTRA_COMMANDS.append(module.add_parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_extras()
+    a = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        setup_logging(a.debug)
+    try:
+        return a.func(a)
+    except (UsageError, MountError, PageMapError, CaptureError, DiskError) as e:
+        print(f"memfs: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The mount's lifecycle: open disks, mount, serve, unmount, release.
+
+Everything acquired goes on one AsyncExitStack so that an error at any step
+(a dead NBD server, a busy mount point) releases what was taken before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .disks import Disk, open_disk
+from .fetcher import Fetcher
+from .fs import MemFS
+from .pagemap import PageMap, PageMapError
+from .pages import PageServer
+from .stats import Stats
+from .store import LocalStore
+
+log = logging.getLogger("memfs.daemon")
+
+
+@dataclass
+class MountOptions:
+    mountpoint: str
+    pagemap: PageMap | None = None
+    #: region name -> size, for a mount that waits for its page map
+    regions: dict[str, int] = field(default_factory=dict)
+    store_dir: str | None = None
+    allow_other: bool = False
+    debug_fuse: bool = False
+    read_ahead_kb: int | None = None
+    max_read: int | None = None
+    fetch_retries: int = 3
+    mode: int = 0o600
+    bdi_max_ratio: int | None = None
+    bdi_strict_limit: int | None = None
+
+
+class MountError(Exception):
+    """The mount could not be set up; the message says why."""
+
+
+def check_mountpoint(path: str) -> None:
+    """The mount point must be an existing, empty directory."""
+    if not os.path.exists(path):
+        raise MountError(f"mount point {path} does not exist")
+    if not os.path.isdir(path):
+        raise MountError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"mount point {path} is already a mount point")
+    if os.listdir(path):
+        raise MountError(f"mount point {path} is not empty")
+
+
+def mount_dev(real: str) -> str | None:
+    """MAJ:MIN of the filesystem mounted at the resolved path ``real``, from
+    mountinfo: any stat() of the mount from the daemon itself (realpath
+    included) would deadlock before the loop runs."""
+    real = real.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011") \
+        .replace("\n", "\\012")
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == real:
+                dev = parts[2]  # the last one is on top
+    return dev
+
+
+def tune_bdi(dev: str, opts: MountOptions) -> dict[str, int]:
+    """Apply read-ahead and write-back limits to the mount's bdi."""
+    applied: dict[str, int] = {}
+    for key, value in (("read_ahead_kb", opts.read_ahead_kb),
+                       ("max_ratio", opts.bdi_max_ratio),
+                       ("strict_limit", opts.bdi_strict_limit)):
+        if value is None:
+            continue
+        path = f"/sys/class/bdi/{dev}/{key}"
+        try:
+            with open(path, "w") as f:
+                f.write(f"{value}\n")
+            applied[key] = value
+        except OSError as e:
+            log.warning("cannot set %s=%s: %s", path, value, e.strerror)
+    return applied
+
+
+class Daemon:
+    def __init__(self, opts: MountOptions) -> None:
+        self.opts = opts
+        self.stats = Stats()
+        self.disks: list[Disk] = []
+        sizes = ({r.name: r.size for r in opts.pagemap.regions} if opts.pagemap
+                 else dict(opts.regions))
+        if not sizes:
+            raise MountError("nothing to serve: no page map and no --region")
+        self.store = LocalStore(opts.store_dir)
+        self.pages = PageServer(sizes, self.store, self.stats)
+        self.stats.gauges.append(self._disk_stats)
+        self.fs = MemFS(self.pages, self.stats, self.control, mode=opts.mode)
+        self._stack = AsyncExitStack()
+
+    def _disk_stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.disks:
+            for k, v in d.stats().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    async def install(self, pm: PageMap) -> None:
+        """Open the page map's disks and hand the map to the page server."""
+        have = {r.name: r.size for r in pm.regions}
+        if have != self.pages.sizes:
+            raise PageMapError(f"page map regions {have} do not match the mounted regions "
+                               f"{self.pages.sizes}")
+        disks = []
+        for uri in pm.disks:
+            disk = await open_disk(uri)
+            self._stack.push_async_callback(disk.aclose)
+            disks.append(disk)
+        self.disks = disks
+        self.pages.install(pm, Fetcher(disks, self.stats, retries=self.opts.fetch_retries))
+
+    async def control(self, line: str) -> None:
+        """A command written to ``.memfs/control``."""
+        cmd, _, arg = line.partition(" ")
+        if cmd == "load":
+            pm = await trio.to_thread.run_sync(PageMap.load, arg.strip())
+            await self.install(pm)
+        else:
+            raise ValueError(f"unknown control command {cmd!r} (known: load PATH)")
+
+    def fuse_options(self) -> set[str]:
+        o = set(pyfuse3.default_options)
+        o |= {"fsname=memfs", "subtype=memfs"}
+        if self.opts.allow_other:
+            o.add("allow_other")
+        if self.opts.debug_fuse:
+            o.add("debug")
+        if self.opts.max_read:
+            o.add(f"max_read={self.opts.max_read}")
+        return o
+
+    async def run(self, ready: Callable[[], None] = lambda: None) -> None:
+        """Mount, call ``ready``, serve until unmounted or signalled."""
+        async with self._stack:
+            self._stack.callback(self.store.close)
+            if self.opts.pagemap is not None:
+                await self.install(self.opts.pagemap)
+            mp = os.path.realpath(self.opts.mountpoint)
+            check_mountpoint(mp)
+            try:
+                pyfuse3.init(self.fs, mp, self.fuse_options())
+            except RuntimeError as e:
+                raise MountError(f"cannot mount {mp}: {e}") from None
+            self._stack.callback(pyfuse3.close, True)
+            dev = mount_dev(mp)
+            if dev:
+                applied = tune_bdi(dev, self.opts)
+                log.info("mounted %s (bdi %s) %s", mp, dev, applied)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, nursery.cancel_scope, name="signals")
+                ready()
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                # main returns once unmounted (fusermount -u) or terminated
+                nursery.cancel_scope.cancel()
+            log.info("unmounted %s; stats %s", mp, self.stats.counters)
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                log.info("signal %d: unmounting", sig)
+                pyfuse3.terminate()

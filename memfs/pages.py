@@ -1,0 +1,227 @@
+"""Region I/O: what a READ or WRITE of a region file means, without FUSE.
+
+This is where DESIGN.md's invariants live: a READ returns verified captured
+content or the last written content, never zeros for a non-zero page and
+never a short read; a written page is never overwritten by remote data; I/O
+that arrives before the page map waits for it.  The filesystem layer only
+translates these calls and their errors.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import Callable
+
+import trio
+
+from .fetcher import Fetcher, FetchError, remote_pages
+from .pagemap import PageMap, PageMapError, PageState, Region
+from .stats import Stats
+from .store import LocalStore
+
+log = logging.getLogger("memfs.pages")
+LOCAL = PageState.LOCAL
+REMOTE = PageState.REMOTE
+ZERO = PageState.ZERO
+
+
+class PageIOError(Exception):
+    """A region READ/WRITE failed; ``errno`` is what the kernel should see."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class PageServer:
+    """Serves byte ranges of regions from zero pages, the store and the fetcher."""
+
+    def __init__(self, regions: dict[str, int], store: LocalStore, stats: Stats) -> None:
+        #: region name -> size, known before the page map arrives
+        self.sizes = dict(regions)
+        self.store = store
+        self.stats = stats
+        self.pagemap: PageMap | None = None
+        self.fetcher: Fetcher | None = None
+        self.installed = trio.Event()
+        self.served: dict[str, bytearray] = {}
+        self._locks: dict[str, trio.Lock] = {n: trio.Lock() for n in regions}
+        self.on_fetched: list[Callable[[Region, list[int]], None]] = []
+        for name, size in regions.items():
+            store.open_region(name, size)
+        stats.gauges.append(self._gauges)
+
+    # -- page map hand-over (DESIGN.md invariant 4) --------------------------
+
+    def install(self, pagemap: PageMap, fetcher: Fetcher) -> None:
+        """Make ``pagemap`` current; I/O that was waiting for it proceeds."""
+        if self.installed.is_set():
+            raise PageMapError("a page map is already installed")
+        have = {r.name: r.size for r in pagemap.regions}
+        if have != self.sizes:
+            raise PageMapError(f"page map regions {have} do not match the mounted regions "
+                               f"{self.sizes}")
+        for r in pagemap.regions:
+            if r.count(LOCAL):
+                raise PageMapError(f"region {r.name!r} has local pages: they belong to the "
+                                   "store of another mount")
+            self.served[r.name] = bytearray(r.npages)
+        self.pagemap = pagemap
+        self.fetcher = fetcher
+        self.installed.set()
+        log.info("page map installed: %s", pagemap.counts())
+
+    async def _region(self, name: str) -> Region:
+        if not self.installed.is_set():
+            self.stats.add("reads_waited_for_pagemap")
+            log.info("I/O on %s waits for the page map", name)
+            await self.installed.wait()
+        assert self.pagemap is not None
+        return self.pagemap.region(name)
+
+    def _gauges(self) -> dict[str, object]:
+        if self.pagemap is None:
+            return {"pagemap_installed": 0,
+                    "pages_total": sum(s // 4096 for s in self.sizes.values())}
+        out: dict[str, object] = {"pagemap_installed": 1}
+        out.update(self.pagemap.counts())
+        out["pages_served"] = sum(b.count(1) for b in self.served.values())
+        return out
+
+    # -- READ ------------------------------------------------------------------
+
+    async def read(self, name: str, offset: int, size: int) -> bytes:
+        t0 = time.perf_counter()
+        region = await self._region(name)
+        end = min(offset + size, region.size)
+        if offset >= end:
+            return b""
+        ps = region.page_size
+        first, last = offset // ps, (end + ps - 1) // ps
+        data = await self._read_pages(region, first, last - first)
+        self.served[name][first:last] = b"\1" * (last - first)
+        self.stats.add("reads")
+        self.stats.add("bytes_read", end - offset)
+        self.stats.record_read(time.perf_counter() - t0)
+        lo = offset - first * ps
+        return data[lo:lo + end - offset]
+
+    async def _read_pages(self, region: Region, first: int, count: int) -> bytes | bytearray:
+        """``count`` whole pages from ``first``: all verified, or PageIOError."""
+        ps = region.page_size
+        states = region.states[first:first + count]
+        if not any(states):
+            return bytes(count * ps)
+        buf = bytearray(count * ps)
+        if REMOTE in states:
+            self.stats.add("faults")
+            await self._fetch_into(region, first, buf, remote_pages(region, first, count))
+        await self._copy_local(region, first, count, buf)
+        return buf
+
+    async def _fetch_into(self, region: Region, first: int, buf: bytearray,
+                          pages: list[int]) -> None:
+        assert self.fetcher is not None
+        ps = region.page_size
+        try:
+            runs = await self.fetcher.fetch(region, pages)
+        except FetchError as e:
+            self.stats.add("read_errors")
+            # verified neighbours are still worth keeping for the next READ
+            await self._keep(region, getattr(e, "partial", []))
+            raise PageIOError(errno.EIO, str(e)) from None
+        for p, data in runs:
+            buf[(p - first) * ps:(p - first) * ps + len(data)] = data
+        await self._keep(region, runs)
+
+    async def _keep(self, region: Region, runs: list[tuple[int, bytes]]) -> None:
+        """Move fetched pages to the local store and clear their source bit.
+
+        Under the region lock, and only for pages still remote: a page the
+        guest wrote meanwhile is never overwritten (invariant 2).
+        """
+        ps = region.page_size
+        kept: list[int] = []
+        async with self._locks[region.name]:
+            for p0, data in runs:
+                view = memoryview(data)
+                k = 0
+                n = len(data) // ps
+                while k < n:
+                    if region.states[p0 + k] != REMOTE:
+                        k += 1
+                        continue
+                    j = k
+                    while j < n and region.states[p0 + j] == REMOTE:
+                        j += 1
+                    await self.store.write(region.name, (p0 + k) * ps, view[k * ps:j * ps])
+                    region.states[p0 + k:p0 + j] = bytes([LOCAL]) * (j - k)
+                    kept.extend(range(p0 + k, p0 + j))
+                    k = j
+        if kept:
+            for cb in self.on_fetched:
+                cb(region, kept)
+
+    async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray) -> None:
+        """Overlay pages that are LOCAL now (read after the fetch: a write that
+        raced with it wins)."""
+        ps = region.page_size
+        states = region.states
+        k = 0
+        while k < count:
+            if states[first + k] != LOCAL:
+                k += 1
+                continue
+            j = k
+            while j < count and states[first + j] == LOCAL:
+                j += 1
+            buf[k * ps:j * ps] = await self._store_read(region.name, (first + k) * ps,
+                                                        (j - k) * ps)
+            k = j
+
+    async def _store_read(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            return await self.store.read(name, offset, length)
+        except OSError as e:
+            raise PageIOError(errno.EIO, f"local store read failed: {e}") from None
+
+    # -- WRITE -----------------------------------------------------------------
+
+    async def write(self, name: str, offset: int, data: bytes) -> int:
+        region = await self._region(name)
+        end = offset + len(data)
+        if end > region.size:
+            raise PageIOError(errno.ENOSPC, f"write beyond the end of region {name}")
+        if not data:
+            return 0
+        ps = region.page_size
+        first, last = offset // ps, (end + ps - 1) // ps
+        partial = {p for p, cut in ((first, offset % ps), (last - 1, end % ps)) if cut}
+        # A partial page needs its old content: fetch it first (outside the lock).
+        for p in sorted(partial):
+            if region.states[p] == REMOTE:
+                buf = bytearray(ps)
+                await self._fetch_into(region, p, buf, [p])
+        async with self._locks[name]:
+            if partial:
+                lo = offset - first * ps
+                merged = bytearray((last - first) * ps)
+                for p in partial:
+                    # REMOTE -> LOCAL is one-way, so each is ZERO or LOCAL now
+                    if region.states[p] == LOCAL:
+                        at = (p - first) * ps
+                        merged[at:at + ps] = await self._store_read(name, p * ps, ps)
+                merged[lo:lo + len(data)] = data
+                payload: bytes | bytearray = merged
+            else:
+                payload = data
+            try:
+                await self.store.write(name, first * ps, payload)
+            except OSError as e:
+                raise PageIOError(errno.EIO, f"local store write failed: {e}") from None
+            region.states[first:last] = bytes([LOCAL]) * (last - first)
+        self.stats.add("writes")
+        self.stats.add("bytes_written", len(data))
+        return len(data)

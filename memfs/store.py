@@ -1,0 +1,66 @@
+"""The local store: pages the destination owns (guest writes, completed fetches).
+
+One sparse file per region, page i at byte i * page_size.  It is a real file
+on a local disk so that the pages survive page-cache eviction of the FUSE
+file; which pages it holds is recorded in the page map (state LOCAL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import trio
+
+
+class LocalStore:
+    def __init__(self, directory: str | None = None) -> None:
+        if directory is None:
+            self.directory = tempfile.mkdtemp(prefix="memfs-store-", dir="/var/tmp")
+            self._owned = True
+        else:
+            os.makedirs(directory, exist_ok=True)
+            self.directory = directory
+            self._owned = False
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, region: str) -> int:
+        fd = self._fds.get(region)
+        if fd is None:
+            path = os.path.join(self.directory, f"{region}.pages")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._fds[region] = fd
+        return fd
+
+    def open_region(self, region: str, size: int) -> None:
+        """Create the region's (empty, sparse) page file."""
+        os.ftruncate(self._fd(region), size)
+
+    def _pwrite(self, fd: int, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def _pread(self, fd: int, offset: int, length: int) -> bytes:
+        data = os.pread(fd, length, offset)
+        while len(data) < length:
+            more = os.pread(fd, length - len(data), offset + len(data))
+            if not more:
+                raise OSError(f"local store short read at {offset}")
+            data += more
+        return data
+
+    async def write(self, region: str, offset: int, data: bytes | memoryview) -> None:
+        await trio.to_thread.run_sync(self._pwrite, self._fd(region), offset, data)
+
+    async def read(self, region: str, offset: int, length: int) -> bytes:
+        return await trio.to_thread.run_sync(self._pread, self._fd(region), offset, length)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._owned:
+            shutil.rmtree(self.directory, ignore_errors=True)
