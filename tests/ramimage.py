@@ -1,0 +1,101 @@
+"""Test RAM images and real memfs mounts, shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+PS = 4096
+MEMFS = [sys.executable, "-m", "memfs.cli"]
+
+
+def make_ram(path: str, npages: int, seed: int = 1) -> bytes:
+    """Zero pages, one repeated page, and random pages, in a fixed mix."""
+    rnd = random.Random(seed)
+    rep = rnd.randbytes(PS)
+    pages = []
+    for i in range(npages):
+        k = i % 8
+        if k in (0, 5):
+            pages.append(bytes(PS))
+        elif k == 3:
+            pages.append(rep)
+        else:
+            pages.append(rnd.randbytes(PS))
+    data = b"".join(pages)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def memfs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    res = subprocess.run(MEMFS + list(args), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode:
+        raise AssertionError(f"memfs {' '.join(args)} failed ({res.returncode}):\n"
+                             f"{res.stdout}\n{res.stderr}")
+    return res
+
+
+def is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+@contextmanager
+def mounted(pagemap: str | None, mountpoint: str, *extra: str,
+            log: str | None = None) -> Iterator[subprocess.Popen]:
+    """A real memfs mount in a foreground subprocess; always unmounted."""
+    os.makedirs(mountpoint, exist_ok=True)
+    log = log or mountpoint.rstrip("/") + ".log"
+    args = MEMFS + ["mount", "-f", "--log", log] + ([pagemap] if pagemap else []) \
+        + [mountpoint] + list(extra)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(mountpoint, ".memfs", "pid")):
+            if proc.poll() is not None:
+                raise AssertionError(f"mount exited {proc.returncode}: "
+                                     f"{proc.stderr.read().decode()}\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise AssertionError("mount did not come up in 30 s\n" + _tail(log))
+            time.sleep(0.02)
+        yield proc
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
+
+
+def _tail(path: str, n: int = 3000) -> str:
+    try:
+        with open(path) as f:
+            return f.read()[-n:]
+    except OSError:
+        return ""
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def read_stat(mountpoint: str, name: str) -> int:
+    with open(os.path.join(mountpoint, ".memfs", name)) as f:
+        return int(f.read())
+
+
+def pages_of(data: bytes, pages: Sequence[int]) -> bytes:
+    return b"".join(data[p * PS:(p + 1) * PS] for p in pages)
