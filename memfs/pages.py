@@ -88,6 +88,8 @@ class PageServer:
         out: dict[str, object] = {"pagemap_installed": 1}
         out.update(self.pagemap.counts())
         out["pages_served"] = sum(b.count(1) for b in self.served.values())
+        from .index import remote_split  # remote pages: on the volume vs on other disks
+        out.update(remote_split(self.pagemap))
         return out
 
     # -- READ ------------------------------------------------------------------
