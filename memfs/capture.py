@@ -5,6 +5,13 @@ Every page is classified: zero (no location), unchanged since the base pass
 offset and checksummed).  RAM is read in large sequential chunks by a reader
 task while the main task classifies and writes, so the disk and the CPU work
 at the same time.
+
+Onward migration of a guest whose RAM is itself a memfs file: ``view`` is the
+page map that mount saved (control command ``save``; ``PageServer.view``).
+Its REMOTE pages were never handed to the kernel, so they are not read at all
+(reading them through the mount would fetch them): they keep their location.
+Its ZERO pages were never handed out either and stay zero.  Only its LOCAL
+pages are read (through the mount, page cache included) and classified.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import trio
 
@@ -54,6 +61,10 @@ class CaptureResult:
     regions: dict[str, int] = field(default_factory=dict)
     #: pages written by this pass that a base pass had with other content
     hot_pages: int = 0
+    #: pages not read: still remote in the mount view, they keep their location
+    pages_kept: int = 0
+    #: pages read from the RAM files
+    pages_read: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -107,8 +118,12 @@ class Progress:
 
 async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
                   base: str | None = None, referencer: Referencer | None = None,
-                  progress: bool | None = None) -> CaptureResult:
-    """Capture the RAM files ``rams`` into ``volume_uri`` and write ``out``."""
+                  progress: bool | None = None, view: str | None = None) -> CaptureResult:
+    """Capture the RAM files ``rams`` into ``volume_uri`` and write ``out``.
+
+    ``base``: the previous pass (only changed pages are rewritten).  ``view``:
+    the page map saved by the memfs mount that serves the RAM files (see the
+    module doc): only the pages it marks local are read."""
     t0 = time.monotonic()
     sizes = []
     for name, path in rams:
@@ -121,6 +136,7 @@ async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
                                f"of {PAGE_SIZE}")
         sizes.append(st.st_size)
     base_pm = _load_base(base, rams, sizes, volume_uri) if base else None
+    view_pm = _load_view(view, rams, sizes) if view else None
     offsets = layout(sizes)
     pm = PageMap()
     vol_index = pm.disk_index(volume_uri)
@@ -137,8 +153,13 @@ async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
         for (name, path), size, voff in zip(rams, sizes, offsets):
             region = Region.empty(name, size)
             old = base_pm.region(name) if base_pm else None
+            if view_pm is not None:
+                ranges = _keep_from_view(region, view_pm, pm, result)
+                bar.update(size - sum(n for _, n in ranges), name)
+            else:
+                ranges = None
             await _capture_region(path, region, volume, vol_index, voff, old, base_pm, pm,
-                                  referencer, result, lambda n: bar.update(n, name))
+                                  referencer, result, lambda n: bar.update(n, name), ranges)
             pm.regions.append(region)
             result.regions[name] = size
         await volume.flush()
@@ -164,16 +185,87 @@ def _load_base(base: str, rams: Sequence[tuple[str, str]], sizes: list[int],
     return pm
 
 
-async def _read_chunks(path: str, size: int, send: trio.MemorySendChannel) -> None:
+def _load_view(view: str, rams: Sequence[tuple[str, str]], sizes: list[int]) -> PageMap:
+    try:
+        pm = PageMap.load(view)
+    except PageMapError as e:
+        raise CaptureError(f"mount view: {e}") from None
+    if pm.meta.get("view") != "mount":
+        raise CaptureError(f"{view} is not a page map saved by a memfs mount (control "
+                           "command 'save')")
+    want = {n: s for (n, _), s in zip(rams, sizes)}
+    have = {r.name: r.size for r in pm.regions}
+    if want != have:
+        raise CaptureError(f"mount view {view} has regions {have}, the RAM has {want}")
+    return pm
+
+
+def _runs_of(states: bytearray, value: int) -> Iterator[tuple[int, int]]:
+    """(first, end) of each run of pages whose state is ``value``."""
+    mask = states.translate(bytes(int(b == value) for b in range(256)))
+    at = mask.find(1)
+    while at >= 0:
+        end = mask.find(0, at)
+        end = len(mask) if end < 0 else end
+        yield at, end
+        at = mask.find(1, end)
+
+
+def _keep_from_view(region: Region, view_pm: PageMap, pm: PageMap,
+                    result: CaptureResult) -> list[tuple[int, int]]:
+    """Fill ``region`` from the mount view: remote pages keep their location,
+    zero pages stay zero.  Returns the (offset, length) byte ranges to read."""
+    vr = view_pm.region(region.name)
+    n = region.npages
+    disk_map = bytes(pm.disk_index(uri) for uri in view_pm.disks) + bytes(256 - len(view_pm.disks))
+    for a, b in _runs_of(vr.states, PageState.REMOTE):
+        region.states[a:b] = vr.states[a:b]
+        region.disks[a:b] = vr.disks[a:b].translate(disk_map)
+        region.offsets[a:b] = vr.offsets[a:b]
+        region.checksums[a:b] = vr.checksums[a:b]
+    kept = vr.count(PageState.REMOTE)
+    zero = vr.count(PageState.ZERO)
+    result.pages_kept += kept
+    result.pages_zero += zero
+    result.pages_total += kept + zero
+    ps = region.page_size
+    runs = []
+    for a, b in _runs_of(vr.states, PageState.LOCAL):
+        for c in range(a * ps, b * ps, CHUNK):
+            runs.append((c, min(b * ps, c + CHUNK) - c))
+    assert sum(k for _, k in runs) // ps + kept + zero == n
+    return runs
+
+
+async def _read_chunks(path: str, size: int, send: trio.MemorySendChannel,
+                       ranges: list[tuple[int, int]] | None = None) -> None:
+    """Send (offset, bytes) for the whole file, or for the byte ``ranges``."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if ranges is None:
+            ranges = [(off, min(CHUNK, size - off)) for off in range(0, size, CHUNK)]
+        else:
+            # A file in a memfs mount: no read-ahead, which would fault in
+            # the neighbours we must not touch.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         async with send:
-            for off in range(0, size, CHUNK):
-                n = min(CHUNK, size - off)
-                data = await trio.to_thread.run_sync(_pread_full, fd, off, n)
-                await send.send((off, data))
+            # one thread hop per CHUNK bytes, however small the ranges
+            batch: list[tuple[int, int]] = []
+            batch_bytes = 0
+            for i, (off, n) in enumerate(ranges):
+                batch.append((off, n))
+                batch_bytes += n
+                if batch_bytes >= CHUNK or i == len(ranges) - 1:
+                    got = await trio.to_thread.run_sync(_pread_ranges, fd, batch)
+                    batch, batch_bytes = [], 0
+                    for item in got:
+                        await send.send(item)
     finally:
         os.close(fd)
+
+
+def _pread_ranges(fd: int, ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    return [(off, _pread_full(fd, off, n)) for off, n in ranges]
 
 
 def _pread_full(fd: int, off: int, n: int) -> bytes:
@@ -189,17 +281,19 @@ def _pread_full(fd: int, off: int, n: int) -> bytes:
 async def _capture_region(path: str, region: Region, volume: Disk, vol_index: int,
                           voff: int, old: Region | None, base_pm: PageMap | None,
                           pm: PageMap, referencer: Referencer | None,
-                          result: CaptureResult, tick: Callable[[int], None]) -> None:
+                          result: CaptureResult, tick: Callable[[int], None],
+                          ranges: list[tuple[int, int]] | None = None) -> None:
     ps = region.page_size
     zero_chunk = bytes(CHUNK)
     send, recv = trio.open_memory_channel[tuple[int, bytes]](2)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_read_chunks, path, region.size, send, name=f"read {path}")
+        nursery.start_soon(_read_chunks, path, region.size, send, ranges, name=f"read {path}")
         async with recv:
             async for off, data in recv:
                 first = off // ps
                 npages = len(data) // ps
                 result.pages_total += npages
+                result.pages_read += npages
                 if data == zero_chunk[:len(data)]:
                     result.pages_zero += npages  # Region.empty made them zero pages
                     tick(len(data))

@@ -135,8 +135,16 @@ class Daemon:
         if cmd == "load":
             pm = await trio.to_thread.run_sync(PageMap.load, arg.strip())
             await self.install(pm)
+        elif cmd == "save":
+            # the mount's view for an onward capture (PageServer.view)
+            path = arg.strip()
+            if not os.path.isabs(path):
+                raise ValueError("save needs an absolute path")
+            view = self.pages.view()
+            view.meta["mountpoint"] = self.opts.mountpoint
+            await trio.to_thread.run_sync(view.save, path)
         else:
-            raise ValueError(f"unknown control command {cmd!r} (known: load PATH)")
+            raise ValueError(f"unknown control command {cmd!r} (known: load PATH, save PATH)")
 
     def fuse_options(self) -> set[str]:
         o = set(pyfuse3.default_options)
@@ -162,17 +170,22 @@ class Daemon:
             except RuntimeError as e:
                 raise MountError(f"cannot mount {mp}: {e}") from None
             self._stack.callback(pyfuse3.close, True)
-            dev = mount_dev(mp)
-            if dev:
-                applied = tune_bdi(dev, self.opts)
-                log.info("mounted %s (bdi %s) %s", mp, dev, applied)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope, name="signals")
-                ready()
+                nursery.start_soon(self._after_init, mp, ready, name="after-init")
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
                 # main returns once unmounted (fusermount -u) or terminated
                 nursery.cancel_scope.cancel()
             log.info("unmounted %s; stats %s", mp, self.stats.counters)
+
+    async def _after_init(self, mp: str, ready: Callable[[], None]) -> None:
+        """Tune the bdi once the kernel's INIT is done (INIT resets read-ahead),
+        then report readiness: a stat() returns only after INIT."""
+        await trio.to_thread.run_sync(os.stat, mp)
+        dev = mount_dev(mp)
+        applied = tune_bdi(dev, self.opts) if dev else {}
+        log.info("mounted %s (bdi %s) %s", mp, dev, applied)
+        ready()
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

@@ -34,31 +34,44 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class Run:
-    """Consecutive pages whose contents are consecutive on one disk."""
+    """One disk request: ``length`` bytes at ``offset`` holding ``pages``.
 
-    first: int      # first page index in the region
-    count: int
+    ``pages`` are (page index, byte position in the request).  Small gaps
+    between them are read and thrown away: one round trip is dearer than a
+    few KiB of bandwidth (the identity layout leaves zero pages as gaps).
+    """
+
     disk: int
-    offset: int     # byte offset of the first page on the disk
+    offset: int
+    length: int
+    pages: tuple[tuple[int, int], ...]
+
+    @property
+    def first(self) -> int:
+        return self.pages[0][0]
 
 
-def coalesce(region: Region, pages: Iterable[int], max_bytes: int) -> list[Run]:
-    """Group remote ``pages`` (ascending) into runs of at most ``max_bytes``."""
+def coalesce(region: Region, pages: Iterable[int], max_bytes: int,
+             max_gap: int = 0) -> list[Run]:
+    """Group remote ``pages`` (ascending) into disk requests of at most
+    ``max_bytes``, bridging gaps of up to ``max_gap`` bytes on the disk."""
     ps = region.page_size
-    max_pages = max(1, max_bytes // ps)
     disks, offsets = region.disks, region.offsets
     runs: list[Run] = []
-    first = count = disk = offset = -1
+    cur: list[tuple[int, int]] = []
+    disk = start = end = -1
     for p in pages:
         d, off = disks[p], offsets[p]
-        if p == first + count and d == disk and off == offset + count * ps and count < max_pages:
-            count += 1
+        if cur and d == disk and end <= off <= end + max_gap and off + ps - start <= max_bytes:
+            cur.append((p, off - start))
+            end = off + ps
             continue
-        if count > 0:
-            runs.append(Run(first, count, disk, offset))
-        first, count, disk, offset = p, 1, d, off
-    if count > 0:
-        runs.append(Run(first, count, disk, offset))
+        if cur:
+            runs.append(Run(disk, start, end - start, tuple(cur)))
+        disk, start, end = d, off, off + ps
+        cur = [(p, 0)]
+    if cur:
+        runs.append(Run(disk, start, end - start, tuple(cur)))
     return runs
 
 
@@ -72,36 +85,35 @@ def remote_pages(region: Region, first: int, count: int) -> list[int]:
 class Fetcher:
     def __init__(self, disks: Sequence[Disk], stats: Stats, *, retries: int = 3,
                  max_request: int = 4 << 20, slots: int = 16,
-                 retry_delay: float = 0.05) -> None:
+                 retry_delay: float = 0.05, max_gap: int = 64 << 10) -> None:
         self.disks = list(disks)
         self.stats = stats
         self.retries = retries
         self.max_request = max_request
         self.retry_delay = retry_delay
+        self.max_gap = max_gap
         self._slots = trio.CapacityLimiter(slots)
         self._demand_waiting = 0
         self._demand_idle = trio.Condition()
 
     async def fetch(self, region: Region, pages: Sequence[int], *,
-                    prefetch: bool = False) -> list[tuple[int, bytes]]:
-        """Read and verify ``pages``; return (first page, bytes) per run.
+                    prefetch: bool = False) -> dict[int, memoryview]:
+        """Read and verify ``pages``: page index -> its verified bytes.
 
         All or nothing: raises FetchError naming the pages that failed after
-        every retry; the verified ones are still returned through
-        ``FetchError.partial`` so a caller may keep them.
+        every retry; the verified ones ride along in ``FetchError.partial``
+        so that a caller may keep them.
         """
-        runs = coalesce(region, pages, self._run_bytes(region))
-        results: list[tuple[int, bytes]] = []
+        runs = coalesce(region, pages, self._run_bytes(region), self.max_gap)
+        good: dict[int, memoryview] = {}
         failed: list[int] = []
         reasons: list[str] = []
 
         async def one(run: Run) -> None:
-            try:
-                results.extend(await self._fetch_run(region, run, prefetch))
-            except FetchError as e:
-                failed.extend(e.pages)
-                reasons.append(e.reason)
-                results.extend(getattr(e, "partial", []))
+            bad, reason = await self._fetch_run(region, run, prefetch, good)
+            if bad:
+                failed.extend(bad)
+                reasons.append(reason)
 
         if len(runs) == 1:
             await one(runs[0])
@@ -111,10 +123,9 @@ class Fetcher:
                     nursery.start_soon(one, run)
         if failed:
             err = FetchError(region.name, sorted(failed), reasons[0])
-            err.partial = sorted(results)  # type: ignore[attr-defined]
+            err.partial = good  # type: ignore[attr-defined]
             raise err
-        results.sort()
-        return results
+        return good
 
     def _run_bytes(self, region: Region) -> int:
         limit = self.max_request
@@ -122,14 +133,14 @@ class Fetcher:
             limit = min(limit, d.max_request)
         return max(limit, region.page_size)
 
-    async def _read(self, run: Run, ps: int, prefetch: bool) -> bytes:
+    async def _read(self, run: Run, prefetch: bool) -> bytes:
         disk = self.disks[run.disk]
         if prefetch:
             async with self._demand_idle:
                 while self._demand_waiting:
                     await self._demand_idle.wait()
             async with self._slots:
-                return await disk.read(run.offset, run.count * ps)
+                return await disk.read(run.offset, run.length)
         self._demand_waiting += 1
         try:
             await self._slots.acquire()
@@ -139,72 +150,56 @@ class Fetcher:
                 async with self._demand_idle:
                     self._demand_idle.notify_all()
         try:
-            return await disk.read(run.offset, run.count * ps)
+            return await disk.read(run.offset, run.length)
         finally:
             self._slots.release()
 
-    async def _fetch_run(self, region: Region, run: Run,
-                         prefetch: bool) -> list[tuple[int, bytes]]:
+    async def _fetch_run(self, region: Region, run: Run, prefetch: bool,
+                         good: dict[int, memoryview]) -> tuple[list[int], str]:
+        """Fetch one run into ``good``; return the pages that never verified."""
         ps = region.page_size
+        sums = region.checksums
         todo = [run]
-        good: list[tuple[int, bytes]] = []
         reason = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.add("fetch_retries")
                 await trio.sleep(self.retry_delay * (2 ** (attempt - 1)))
-            retry_pages: list[int] = []
+            retry: list[int] = []
             for r in todo:
                 self.stats.add("fetch_requests")
                 try:
-                    data = await self._read(r, ps, prefetch)
+                    data = await self._read(r, prefetch)
                 except DiskError as e:
                     self.stats.add("fetch_errors")
                     reason = str(e)
-                    log.warning("fetch of %s pages %d..%d failed (attempt %d): %s",
-                                region.name, r.first, r.first + r.count - 1, attempt + 1, e)
-                    retry_pages.extend(range(r.first, r.first + r.count))
+                    log.warning("fetch of %s pages %s failed (attempt %d): %s", region.name,
+                                _ranges([p for p, _ in r.pages]), attempt + 1, e)
+                    retry.extend(p for p, _ in r.pages)
                     continue
                 self.stats.add("bytes_fetched", len(data))
                 view = memoryview(data)
-                bad_here = self._verify(region, r, view)
-                if not bad_here:
-                    good.append((r.first, data))
-                    self.stats.add("pages_fetched", r.count)
-                    continue
-                reason = "checksum mismatch"
-                # keep the verified stretches between bad pages
-                start = r.first
-                for b in bad_here + [r.first + r.count]:
-                    if b > start:
-                        i, j = (start - r.first) * ps, (b - r.first) * ps
-                        good.append((start, bytes(view[i:j])))
-                        self.stats.add("pages_fetched", b - start)
-                    start = b + 1
-                retry_pages.extend(bad_here)
-            if not retry_pages:
-                return good
-            todo = coalesce(region, retry_pages, self._run_bytes(region))
+                bad = []
+                for p, pos in r.pages:
+                    page = view[pos:pos + ps]
+                    if checksum(page) == sums[p]:
+                        good[p] = page
+                    else:
+                        bad.append(p)
+                self.stats.add("pages_fetched", len(r.pages) - len(bad))
+                if bad:
+                    reason = "checksum mismatch"
+                    self.stats.add("checksum_failures", len(bad))
+                    log.error("CHECKSUM MISMATCH in region %s pages %s (disk %d, attempt %d)",
+                              region.name, _ranges(bad), r.disk, attempt + 1)
+                    retry.extend(bad)
+            if not retry:
+                return [], reason
+            todo = coalesce(region, retry, self._run_bytes(region), self.max_gap)
         log.error("GIVING UP on region %s pages %s after %d attempts: %s",
-                  region.name, _ranges(sorted(retry_pages)), self.retries + 1, reason)
-        self.stats.add("pages_failed", len(retry_pages))
-        err = FetchError(region.name, sorted(retry_pages), reason)
-        err.partial = good  # type: ignore[attr-defined]
-        raise err
-
-    def _verify(self, region: Region, run: Run, view: memoryview) -> list[int]:
-        ps = region.page_size
-        sums = region.checksums
-        bad = []
-        for k in range(run.count):
-            p = run.first + k
-            if checksum(view[k * ps:(k + 1) * ps]) != sums[p]:
-                bad.append(p)
-        if bad:
-            self.stats.add("checksum_failures", len(bad))
-            log.error("CHECKSUM MISMATCH in region %s pages %s (disk %d)",
-                      region.name, _ranges(bad), run.disk)
-        return bad
+                  region.name, _ranges(sorted(retry)), self.retries + 1, reason)
+        self.stats.add("pages_failed", len(retry))
+        return retry, reason
 
 
 def _ranges(pages: list[int]) -> str:

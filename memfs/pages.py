@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from array import array
 from typing import Callable
 
 import trio
@@ -73,6 +74,32 @@ class PageServer:
         self.installed.set()
         log.info("page map installed: %s", pagemap.counts())
 
+    def view(self) -> PageMap:
+        """The mount's page map as an onward capture must see it (``save``).
+
+        A page stays REMOTE only if it was never served: the kernel never had
+        it, so neither can the guest have changed it, and its location still
+        holds its content.  A page stays ZERO only if it was never served
+        either.  Every other page is LOCAL: the store or the page cache (maybe
+        dirty) holds its content, and a capture has to read it.  The copy is
+        taken in one go on the trio loop, so it is consistent.
+        """
+        if self.pagemap is None:
+            raise PageMapError("no page map installed")
+        out = PageMap(disks=list(self.pagemap.disks), meta={"view": "mount"})
+        for r in self.pagemap.regions:
+            states = bytearray(r.states)
+            served = self.served[r.name]
+            at = served.find(1)
+            while at >= 0:
+                end = served.find(0, at)
+                end = r.npages if end < 0 else end
+                states[at:end] = bytes([LOCAL]) * (end - at)
+                at = served.find(1, end)
+            out.regions.append(Region(r.name, r.size, r.page_size, states, bytearray(r.disks),
+                                      array("Q", r.offsets), array("Q", r.checksums)))
+        return out
+
     async def _region(self, name: str) -> Region:
         if not self.installed.is_set():
             self.stats.add("reads_waited_for_pagemap")
@@ -128,40 +155,36 @@ class PageServer:
         assert self.fetcher is not None
         ps = region.page_size
         try:
-            runs = await self.fetcher.fetch(region, pages)
+            got = await self.fetcher.fetch(region, pages)
         except FetchError as e:
             self.stats.add("read_errors")
             # verified neighbours are still worth keeping for the next READ
-            await self._keep(region, getattr(e, "partial", []))
+            await self._keep(region, getattr(e, "partial", {}))
             raise PageIOError(errno.EIO, str(e)) from None
-        for p, data in runs:
-            buf[(p - first) * ps:(p - first) * ps + len(data)] = data
-        await self._keep(region, runs)
+        for p, data in got.items():
+            at = (p - first) * ps
+            buf[at:at + ps] = data
+        await self._keep(region, got)
 
-    async def _keep(self, region: Region, runs: list[tuple[int, bytes]]) -> None:
+    async def _keep(self, region: Region, got: dict[int, memoryview]) -> None:
         """Move fetched pages to the local store and clear their source bit.
 
         Under the region lock, and only for pages still remote: a page the
         guest wrote meanwhile is never overwritten (invariant 2).
         """
         ps = region.page_size
-        kept: list[int] = []
+        states = region.states
         async with self._locks[region.name]:
-            for p0, data in runs:
-                view = memoryview(data)
-                k = 0
-                n = len(data) // ps
-                while k < n:
-                    if region.states[p0 + k] != REMOTE:
-                        k += 1
-                        continue
-                    j = k
-                    while j < n and region.states[p0 + j] == REMOTE:
-                        j += 1
-                    await self.store.write(region.name, (p0 + k) * ps, view[k * ps:j * ps])
-                    region.states[p0 + k:p0 + j] = bytes([LOCAL]) * (j - k)
-                    kept.extend(range(p0 + k, p0 + j))
-                    k = j
+            pages = sorted(p for p in got if states[p] == REMOTE)
+            writes = []
+            for p0, n in _stretches(pages):
+                data = got[p0] if n == 1 else b"".join(got[p] for p in range(p0, p0 + n))
+                writes.append((p0 * ps, data))
+            if writes:
+                await self.store.write_many(region.name, writes)
+            for p in pages:
+                states[p] = LOCAL
+            kept = pages
         if kept:
             for cb in self.on_fetched:
                 cb(region, kept)
@@ -171,17 +194,16 @@ class PageServer:
         raced with it wins)."""
         ps = region.page_size
         states = region.states
-        k = 0
-        while k < count:
-            if states[first + k] != LOCAL:
-                k += 1
-                continue
-            j = k
-            while j < count and states[first + j] == LOCAL:
-                j += 1
-            buf[k * ps:j * ps] = await self._store_read(region.name, (first + k) * ps,
-                                                        (j - k) * ps)
-            k = j
+        local = [p for p in range(first, first + count) if states[p] == LOCAL]
+        if not local:
+            return
+        spans = _stretches(local)
+        try:
+            datas = await self.store.read_many(region.name, [(p * ps, n * ps) for p, n in spans])
+        except OSError as e:
+            raise PageIOError(errno.EIO, f"local store read failed: {e}") from None
+        for (p, n), data in zip(spans, datas):
+            buf[(p - first) * ps:(p - first + n) * ps] = data
 
     async def _store_read(self, name: str, offset: int, length: int) -> bytes:
         try:
@@ -227,3 +249,14 @@ class PageServer:
         self.stats.add("writes")
         self.stats.add("bytes_written", len(data))
         return len(data)
+
+
+def _stretches(pages: list[int]) -> list[tuple[int, int]]:
+    """Ascending page indexes -> (first, count) of each consecutive stretch."""
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out

@@ -55,8 +55,23 @@ class LocalStore:
     async def write(self, region: str, offset: int, data: bytes | memoryview) -> None:
         await trio.to_thread.run_sync(self._pwrite, self._fd(region), offset, data)
 
+    async def write_many(self, region: str,
+                         items: list[tuple[int, bytes | memoryview]]) -> None:
+        """Several writes in one thread hop: a hop costs more than a pwrite."""
+        fd = self._fd(region)
+
+        def work() -> None:
+            for offset, data in items:
+                self._pwrite(fd, offset, data)
+        await trio.to_thread.run_sync(work)
+
     async def read(self, region: str, offset: int, length: int) -> bytes:
         return await trio.to_thread.run_sync(self._pread, self._fd(region), offset, length)
+
+    async def read_many(self, region: str, items: list[tuple[int, int]]) -> list[bytes]:
+        fd = self._fd(region)
+        return await trio.to_thread.run_sync(
+            lambda: [self._pread(fd, off, n) for off, n in items])
 
     def close(self) -> None:
         for fd in self._fds.values():

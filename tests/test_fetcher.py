@@ -26,7 +26,7 @@ def test_coalesce_joins_neighbours_on_disk_only() -> None:
     r.set_remote(7, 0, 100 * PS, 0)   # neighbour in RAM, not on disk
     r.set_remote(8, 1, 8 * PS, 0)     # other disk
     runs = coalesce(r, [1, 2, 3, 5, 6, 7, 8], max_bytes=1 << 20)
-    assert [(x.first, x.count, x.disk, x.offset) for x in runs] == [
+    assert [(x.first, len(x.pages), x.disk, x.offset) for x in runs] == [
         (1, 3, 0, PS), (5, 2, 0, 5 * PS), (7, 1, 0, 100 * PS), (8, 1, 1, 8 * PS)]
 
 
@@ -34,7 +34,7 @@ def test_coalesce_respects_the_request_limit() -> None:
     r = Region.empty("r", 10 * PS)
     for p in range(10):
         r.set_remote(p, 0, p * PS, 0)
-    assert [x.count for x in coalesce(r, range(10), max_bytes=4 * PS)] == [4, 4, 2]
+    assert [len(x.pages) for x in coalesce(r, range(10), max_bytes=4 * PS)] == [4, 4, 2]
 
 
 async def captured(tmp_path, ram) -> tuple[PageMap, bytes, str]:
@@ -60,8 +60,7 @@ async def test_fetch_verifies_and_returns_runs(tmp_path, ram) -> None:
     _, fetcher, stats = await make_server(tmp_path, pm)
     r = pm.region("ram0")
     pages = [p for p in range(64) if r.states[p] == PageState.REMOTE]
-    runs = await fetcher.fetch(r, pages)
-    got = {p0 + k: d[k * PS:(k + 1) * PS] for p0, d in runs for k in range(len(d) // PS)}
+    got = await fetcher.fetch(r, pages)
     assert sorted(got) == pages
     assert all(got[p] == data[p * PS:(p + 1) * PS] for p in pages)
     assert stats.counters["pages_fetched"] == len(pages)
@@ -150,3 +149,12 @@ async def test_dead_disk_gives_eio_not_zeros(tmp_path, ram) -> None:
     with pytest.raises(PageIOError):
         await server.read("ram0", 0, len(data))
     assert stats.counters["fetch_errors"] >= 1 and stats.counters["read_errors"] == 1
+
+
+def test_coalesce_bridges_small_gaps_on_disk() -> None:
+    r = Region.empty("r", 16 * PS)
+    for p in (0, 1, 3, 9):  # 2 is a zero page: a hole in the volume
+        r.set_remote(p, 0, p * PS, 0)
+    runs = coalesce(r, [0, 1, 3, 9], max_bytes=1 << 20, max_gap=2 * PS)
+    assert [(x.offset, x.length, x.pages) for x in runs] == [
+        (0, 4 * PS, ((0, 0), (1, PS), (3, 3 * PS))), (9 * PS, PS, ((9, 0),))]

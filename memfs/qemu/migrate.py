@@ -1,0 +1,361 @@
+"""``memfs migrate``: live-migrate a running QEMU guest onto a memfs mount.
+
+The source guest's RAM is a shared file (a /dev/shm file, /proc/PID/fd/N of a
+memfd, or a file in another memfs mount); the destination QEMU, started with
+``-incoming defer``, maps a file of a memfs mount that waits for its page map
+(``memfs mount --region NAME:SIZE``).  The steps:
+
+1. capture passes while the source runs (pass 2+ rewrite changed pages only);
+2. ``stop`` the source; the final pass (the downtime starts here);
+3. hand the page map to the destination's mount (control ``load``);
+4. migrate the device state alone: capability ``x-ignore-shared`` on both
+   sides keeps the shared RAM out of the stream;
+5. ``cont`` the destination; the source may be switched off.
+
+If the source RAM is itself served by memfs (a guest that came here the same
+way), every pass first asks that mount for its view (control ``save``): the
+pages it never handed to the kernel are not read, they keep their location.
+
+If anything fails before the destination runs, the source is resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import trio
+
+from .. import control
+from ..capture import CaptureError, capture, parse_ram_args
+from .plain import MigrationWatch, migrate_incoming, set_capabilities
+from .qmp import QMP, QMPError, unwrap_single
+
+__all__ = ["MigrateError", "MigrateOptions", "MigrateReport", "migrate", "add_parser"]
+
+log = logging.getLogger("memfs.migrate")
+
+
+class MigrateError(Exception):
+    """The migration failed; the message says at which step and why."""
+
+
+@dataclass
+class MigrateOptions:
+    source_qmp: str | None
+    rams: list[tuple[str, str]]         # (region name, RAM file on the source)
+    volume: str                         # migration volume URI
+    pagemap: str                        # page map to write (read by the destination)
+    dest_qmp: str | None
+    dest_mount: str
+    #: capture passes while the source runs, before the final (stopped) pass
+    passes: int = 1
+    #: where the destination listens (migrate-incoming); None: a unix socket in
+    #: a temporary directory (both QEMUs on this host), with the stream counted
+    incoming_uri: str | None = None
+    #: where the source connects (migrate); None: incoming_uri
+    outgoing_uri: str | None = None
+    quit_source: bool = False
+    timeout: float = 300.0
+
+
+@dataclass
+class MigrateReport:
+    #: from ``stop`` on the source to the destination running
+    downtime_ms: float = 0.0
+    #: from the first capture pass to the destination running
+    total_ms: float = 0.0
+    #: from the first capture pass until the source had nothing left to give
+    #: (device state sent, every page on the volume): it may be switched off
+    src_free_ms: float = 0.0
+    volume_bytes: int = 0
+    #: bytes in the migration stream: counted on the wire when memfs runs the
+    #: socket, else QEMU's own count (query-migrate ram.transferred)
+    stream_bytes: int = 0
+    stream_counted: bool = False
+    pages_remote_at_resume: int = 0
+    pages_total: int = 0
+    final_pass_ms: float = 0.0
+    device_ms: float = 0.0
+    qemu_downtime_ms: float | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    steps_ms: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        mib = 1 << 20
+        lines = [f"downtime      {self.downtime_ms:9.1f} ms  (final pass {self.final_pass_ms:.1f} ms,"
+                 f" device state {self.device_ms:.1f} ms)",
+                 f"total time    {self.total_ms:9.1f} ms",
+                 f"source free   {self.src_free_ms:9.1f} ms after the start",
+                 f"volume        {self.volume_bytes / mib:9.1f} MiB written",
+                 f"stream        {self.stream_bytes / mib:9.3f} MiB"
+                 + ("" if self.stream_counted else " (QEMU's count)"),
+                 f"remote pages  {self.pages_remote_at_resume:9d} of {self.pages_total} at resume"]
+        for i, p in enumerate(self.passes, 1):
+            lines.append(f"  pass {i}{' (final)' if i == len(self.passes) else '        '}: "
+                         f"{p['seconds'] * 1000:8.1f} ms, {p['pages_written']} written, "
+                         f"{p['pages_unchanged']} unchanged, {p['pages_kept']} kept remote, "
+                         f"{p['pages_zero']} zero")
+        return "\n".join(lines)
+
+
+class StreamCounter:
+    """A unix-socket relay from ``listen`` to ``target`` that counts the bytes
+    the source sends: the migration stream as it is on the wire."""
+
+    def __init__(self, listen: str, target: str) -> None:
+        self.listen, self.target = listen, target
+        self.sent = 0
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(self.listen)
+        sock.listen(1)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                conn = await listener.accept()
+                nursery.start_soon(self._relay, conn)
+
+    async def _relay(self, conn: trio.SocketStream) -> None:
+        async with conn, await trio.open_unix_socket(self.target) as up:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, conn, up, True, nursery)
+                nursery.start_soon(self._pump, up, conn, False, nursery)
+
+    async def _pump(self, a: trio.SocketStream, b: trio.SocketStream, count: bool,
+                    nursery: trio.Nursery) -> None:
+        try:
+            while data := await a.receive_some(1 << 20):
+                if count:
+                    self.sent += len(data)
+                await b.send_all(data)
+            await b.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            nursery.cancel_scope.cancel()
+
+
+def _source_mount(rams: Sequence[tuple[str, str]]) -> str | None:
+    """The memfs mount serving the source RAM files, if they are in one."""
+    roots = {control.mount_root(path) for _, path in rams}
+    if len(roots) > 1:
+        raise MigrateError("the RAM files are in different places: " + ", ".join(
+            str(r or "not in a memfs mount") for r in roots))
+    return roots.pop()
+
+
+def _check_destination(opts: MigrateOptions, sizes: dict[str, int]) -> int:
+    """Before touching the source: the destination mount waits for a map with
+    exactly these regions.  Returns its page count."""
+    try:
+        st = control.read_stats(opts.dest_mount)
+    except OSError as e:
+        raise MigrateError(f"{opts.dest_mount} is not a memfs mount: {e.strerror}") from None
+    if st.get("pagemap_installed"):
+        raise MigrateError(f"{opts.dest_mount} already serves a page map; mount it with "
+                           "--region NAME:SIZE so that it waits for one")
+    for name, size in sizes.items():
+        try:
+            have = os.stat(os.path.join(opts.dest_mount, name)).st_size
+        except OSError:
+            raise MigrateError(f"{opts.dest_mount} serves no region {name!r}") from None
+        if have != size:
+            raise MigrateError(f"region {name}: {size} bytes on the source, {have} in "
+                               f"{opts.dest_mount}")
+    return int(st.get("pages_total", 0))
+
+
+async def migrate(opts: MigrateOptions, src: QMP | None = None,
+                  dst: QMP | None = None) -> MigrateReport:
+    """Run the whole migration; see the module doc.  ``src``/``dst``: QMP
+    sessions already open to the two QEMUs (a QMP socket serves one client at
+    a time); otherwise memfs connects to ``opts.source_qmp``/``dest_qmp``."""
+    if opts.passes < 0:
+        raise MigrateError("--passes must be 0 or more")
+    sizes = {}
+    for name, path in opts.rams:
+        try:
+            sizes[name] = os.stat(path).st_size
+        except OSError as e:
+            raise MigrateError(f"cannot stat RAM {path}: {e.strerror}") from None
+    src_mount = await trio.to_thread.run_sync(_source_mount, opts.rams)
+    rep = MigrateReport()
+    rep.pages_total = await trio.to_thread.run_sync(_check_destination, opts, sizes)
+    with tempfile.TemporaryDirectory(prefix="memfs-migrate-") as tmp, unwrap_single():
+        async with trio.open_nursery() as nursery:
+            incoming, outgoing, counter = opts.incoming_uri, opts.outgoing_uri, None
+            if incoming is None:
+                incoming = f"unix:{tmp}/incoming.sock"
+                counter = StreamCounter(f"{tmp}/source.sock", f"{tmp}/incoming.sock")
+                await nursery.start(counter.run)
+                outgoing = outgoing or f"unix:{counter.listen}"
+            outgoing = outgoing or incoming
+            try:
+                async with AsyncExitStack() as stack:
+                    if src is None:
+                        src = await stack.enter_async_context(QMP.connect(opts.source_qmp))
+                    if dst is None:
+                        dst = await stack.enter_async_context(QMP.connect(opts.dest_qmp))
+                    await _run(opts, rep, src, dst, src_mount, incoming, outgoing, tmp)
+            except QMPError as e:
+                raise MigrateError(str(e)) from None
+            if counter is not None:
+                rep.stream_bytes, rep.stream_counted = counter.sent, True
+            nursery.cancel_scope.cancel()
+    return rep
+
+
+async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
+               src_mount: str | None, incoming: str, outgoing: str, tmp: str) -> None:
+    status = (await dst.execute("query-status"))["status"]
+    if status != "inmigrate":
+        raise MigrateError(f"the destination QEMU is {status!r}, not waiting for a "
+                           "migration (start it with -incoming defer)")
+    if (await src.execute("query-status"))["status"] != "running":
+        raise MigrateError("the source QEMU is not running")
+    # everything that does not need the source stopped happens first
+    for q in (src, dst):
+        await set_capabilities(q, x_ignore_shared=True)
+    await migrate_incoming(dst, incoming)
+
+    t0 = time.monotonic()
+    steps = rep.steps_ms
+
+    def mark(step: str) -> None:
+        steps[step] = round((time.monotonic() - t0) * 1000, 1)
+
+    base: str | None = None
+    view = os.path.join(tmp, "view.pagemap") if src_mount else None
+
+    async def one_pass(i: int) -> None:
+        nonlocal base
+        if src_mount and view:
+            await trio.to_thread.run_sync(control.save, src_mount, view)
+        out = opts.pagemap if i == opts.passes else os.path.join(tmp, f"pass{i}.pagemap")
+        try:
+            res = await capture(opts.rams, opts.volume, out, base=base, view=view,
+                                progress=False)
+        except CaptureError as e:
+            raise MigrateError(f"capture pass {i + 1}: {e}") from None
+        rep.passes.append(res.as_dict())
+        rep.volume_bytes += res.bytes_written
+        log.info("pass %d%s: %.2fs, %d pages written, %d unchanged, %d kept remote",
+                 i + 1, " (final)" if i == opts.passes else "", res.seconds,
+                 res.pages_written, res.pages_unchanged, res.pages_kept)
+        base = out
+
+    for i in range(opts.passes):
+        await one_pass(i)
+        mark(f"pass{i + 1}")
+
+    stopped = resumed = False
+    try:
+        await src.execute("stop")
+        stopped = True
+        t_stop = time.monotonic()
+        mark("stopped")
+        await one_pass(opts.passes)
+        mark("final_pass")
+        rep.final_pass_ms = round((time.monotonic() - t_stop) * 1000, 1)
+        try:
+            await trio.to_thread.run_sync(control.load, opts.dest_mount, opts.pagemap)
+        except (control.ControlError, OSError) as e:
+            raise MigrateError(f"the destination mount refused the page map: {e}") from None
+        mark("loaded")
+        t_dev = time.monotonic()
+        watch = MigrationWatch(started=t_dev)
+        await src.execute("migrate", {"uri": outgoing})
+        await watch.until(src, timeout=opts.timeout, interval=0.005)
+        rep.src_free_ms = round((time.monotonic() - t0) * 1000, 1)
+        mark("source_done")
+        rep.qemu_downtime_ms = watch.info.get("downtime")
+        if not rep.stream_counted:
+            rep.stream_bytes = int(watch.info.get("ram", {}).get("transferred", 0))
+        with trio.fail_after(opts.timeout):
+            while (await dst.execute("query-status"))["status"] == "inmigrate":
+                await trio.sleep(0.005)
+        rep.device_ms = round((time.monotonic() - t_dev) * 1000, 1)
+        mark("destination_loaded")
+        await dst.execute("cont")
+        resumed = True
+        t_run = time.monotonic()
+        mark("running")
+    except BaseException:
+        if stopped and not resumed:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                try:
+                    await src.execute("cont")
+                    log.error("migration failed: the source runs again")
+                except Exception as e:
+                    log.error("migration failed and the source could not be resumed: %s", e)
+        raise
+    rep.downtime_ms = round((t_run - t_stop) * 1000, 1)
+    rep.total_ms = round((t_run - t0) * 1000, 1)
+    st = await trio.to_thread.run_sync(control.read_stats, opts.dest_mount)
+    rep.pages_remote_at_resume = int(st.get("pages_remote", 0))
+    if opts.quit_source:
+        try:
+            await src.execute("quit", timeout=5)
+        except Exception as e:
+            log.warning("quitting the source: %s", e)
+
+
+# -- command line ------------------------------------------------------------------
+
+def cmd_migrate(a: argparse.Namespace) -> int:
+    opts = MigrateOptions(
+        source_qmp=a.source_qmp, rams=parse_ram_args(a.ram), volume=a.volume,
+        pagemap=os.path.abspath(a.pagemap), dest_qmp=a.dest_qmp,
+        dest_mount=os.path.abspath(a.dest_mount), passes=a.passes,
+        incoming_uri=a.migrate_uri, outgoing_uri=a.source_uri, quit_source=a.quit_source,
+        timeout=a.timeout)
+    try:
+        rep = trio.run(migrate, opts)
+    except (MigrateError, QMPError, OSError, trio.TooSlowError) as e:
+        print(f"memfs: migrate failed: {e or type(e).__name__}", file=sys.stderr)
+        return 1
+    print(json.dumps(rep.as_dict(), indent=1) if a.json else rep.text())
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "migrate", help="live-migrate a QEMU guest onto a memfs mount",
+        description="Capture the source guest's RAM to a volume (passes while it runs, "
+        "the last one stopped), hand the page map to the destination's mount, migrate "
+        "the device state with x-ignore-shared and resume the destination.")
+    p.add_argument("--source-qmp", required=True, metavar="SOCK", help="source QEMU's QMP socket")
+    p.add_argument("--ram", action="append", required=True, metavar="[NAME=]PATH",
+                   help="the source's RAM file (shared memory backend); repeat per region")
+    p.add_argument("--volume", required=True, metavar="URI", help="migration volume")
+    p.add_argument("--pagemap", required=True, metavar="PATH",
+                   help="page map to write (the destination's mount reads it)")
+    p.add_argument("--dest-qmp", required=True, metavar="SOCK",
+                   help="destination QEMU's QMP socket (started with -incoming defer)")
+    p.add_argument("--dest-mount", required=True, metavar="DIR",
+                   help="the destination's memfs mount, waiting for its page map")
+    p.add_argument("--passes", type=int, default=1, metavar="N",
+                   help="capture passes while the source runs, before the final one (1)")
+    p.add_argument("--migrate-uri", metavar="URI",
+                   help="where the destination listens, e.g. tcp:HOST:PORT (default: a "
+                   "local unix socket, both QEMUs on this host, stream bytes counted)")
+    p.add_argument("--source-uri", metavar="URI",
+                   help="where the source connects, if not --migrate-uri")
+    p.add_argument("--quit-source", action="store_true",
+                   help="quit the source QEMU once the destination runs")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="seconds for the device-state migration (300)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_migrate)
