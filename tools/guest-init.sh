@@ -17,6 +17,8 @@
 #   gap       -> GAP <ms>      longest gap between ticks, by the guest's clock
 #   resetgap  -> GAPRESET
 #   ping [X]  -> PONG X
+#   readdisk [DEV] -> READDISK DEV md5=<md5>  reads a whole disk (default /dev/vda,
+#             a virtio-blk disk: its modules load on first use) into the page cache
 #   poweroff  -> powers off
 # Unprompted: "READY fill=.. work=.. tick=.." once; "T <n> <uptime_cs>" ticks.
 #
@@ -139,6 +141,21 @@ while :; do
             gap) echo "GAP $(($(cat /run/maxgap) * 10))" ;;
             resetgap) touch /run/gapreset; echo GAPRESET ;;
             ping) echo "PONG $arg" ;;
+            readdisk) dev=${arg:-/dev/vda}
+                if [ ! -b "$dev" ]; then
+                    for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev \
+                            virtio_pci virtio_blk; do
+                        [ -e /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
+                    done
+                    n=0
+                    while [ ! -b "$dev" ] && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
+                fi
+                if [ -b "$dev" ]; then
+                    s=$(md5sum < "$dev")
+                    echo "READDISK $dev md5=${s%% *}"
+                else
+                    echo "ERR no disk $dev"
+                fi ;;
             poweroff) sync; poweroff -f ;;
             '') ;;
             *) echo "ERR unknown command: $cmd" ;;
