@@ -153,13 +153,15 @@ async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
         for (name, path), size, voff in zip(rams, sizes, offsets):
             region = Region.empty(name, size)
             old = base_pm.region(name) if base_pm else None
+            seen = None
+            ranges = None
             if view_pm is not None:
                 ranges = _keep_from_view(region, view_pm, pm, result)
                 bar.update(size - sum(n for _, n in ranges), name)
-            else:
-                ranges = None
+                seen = (view_pm.region(name), view_pm)
             await _capture_region(path, region, volume, vol_index, voff, old, base_pm, pm,
-                                  referencer, result, lambda n: bar.update(n, name), ranges)
+                                  referencer, result, lambda n: bar.update(n, name), ranges,
+                                  seen)
             pm.regions.append(region)
             result.regions[name] = size
         await volume.flush()
@@ -282,7 +284,8 @@ async def _capture_region(path: str, region: Region, volume: Disk, vol_index: in
                           voff: int, old: Region | None, base_pm: PageMap | None,
                           pm: PageMap, referencer: Referencer | None,
                           result: CaptureResult, tick: Callable[[int], None],
-                          ranges: list[tuple[int, int]] | None = None) -> None:
+                          ranges: list[tuple[int, int]] | None = None,
+                          seen: tuple[Region, PageMap] | None = None) -> None:
     ps = region.page_size
     zero_chunk = bytes(CHUNK)
     send, recv = trio.open_memory_channel[tuple[int, bytes]](2)
@@ -299,14 +302,18 @@ async def _capture_region(path: str, region: Region, volume: Disk, vol_index: in
                     tick(len(data))
                     continue
                 await _capture_chunk(region, first, memoryview(data), volume, vol_index,
-                                     voff, old, base_pm, pm, referencer, result)
+                                     voff, old, base_pm, pm, referencer, result, seen)
                 tick(len(data))
 
 
 async def _capture_chunk(region: Region, first: int, view: memoryview, volume: Disk,
                          vol_index: int, voff: int, old: Region | None,
                          base_pm: PageMap | None, pm: PageMap,
-                         referencer: Referencer | None, result: CaptureResult) -> None:
+                         referencer: Referencer | None, result: CaptureResult,
+                         seen: tuple[Region, PageMap] | None = None) -> None:
+    """Classify and write the pages of ``view``.  ``seen``: the mount view;
+    a page it holds locally whose content is still the one it arrived with
+    (same checksum) keeps the location it arrived from."""
     ps = region.page_size
     zero = bytes(ps)
     npages = len(view) // ps
@@ -334,6 +341,14 @@ async def _capture_chunk(region: Region, first: int, view: memoryview, volume: D
             region.set_remote(p, pm.disk_index(base_pm.disks[old.disks[p]]), old.offsets[p], csum)
             result.pages_unchanged += 1
             continue
+        if seen is not None:
+            sr, spm = seen
+            if sr.states[p] == PageState.LOCAL and sr.checksums[p] == csum \
+                    and sr.disks[p] < len(spm.disks):
+                await flush(k)
+                region.set_remote(p, pm.disk_index(spm.disks[sr.disks[p]]), sr.offsets[p], csum)
+                result.pages_unchanged += 1
+                continue
         if referencer is not None:
             where = await referencer.find(csum, bytes(page))
             if where is not None:

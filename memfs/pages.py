@@ -81,8 +81,10 @@ class PageServer:
         it, so neither can the guest have changed it, and its location still
         holds its content.  A page stays ZERO only if it was never served
         either.  Every other page is LOCAL: the store or the page cache (maybe
-        dirty) holds its content, and a capture has to read it.  The copy is
-        taken in one go on the trio loop, so it is consistent.
+        dirty) holds its content, and a capture has to read it; it keeps the
+        location and checksum it arrived with, so a capture that finds the
+        same checksum may point at that location again.  The copy is taken in
+        one go on the trio loop, so it is consistent.
         """
         if self.pagemap is None:
             raise PageMapError("no page map installed")

@@ -1,0 +1,200 @@
+"""``memfs migrate`` with a real QEMU: a running guest moves onto memfs.
+
+The destination's guest RAM is a file of a memfs mount that was started
+waiting for its page map (``memfs mount --region``); the guest's checksums
+must be the same after the move, its later writes must survive the host
+dropping its page cache, and it must be able to move on again — without the
+pages the mount never handed out being read or rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from memfs import control
+from memfs.pagemap import PageMap, PageState
+from memfs.qemu import VM, file_backend, qemu_binary
+from memfs.qemu.guest import (GuestImage, GuestSum, build_guest, expected_fill_md5,
+                              expected_work_md5, guest_config, read_sum)
+from memfs.qemu.migrate import MigrateOptions, MigrateReport, migrate
+
+pytestmark = [pytest.mark.qemu, pytest.mark.mount]
+
+FILL = 32             # MiB of known data in the guest
+RAM = 128 << 20       # guest RAM
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    if qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    return build_guest()
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    d = Path("/dev/shm") / f"memfs-test-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def memfs_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "memfs.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+    if check and proc.returncode:
+        raise AssertionError(f"memfs {' '.join(args)}: {proc.returncode}\n"
+                             f"{proc.stdout}{proc.stderr}")
+    return proc
+
+
+@contextmanager
+def waiting_mount(where: Path, size: int = RAM) -> Iterator[Path]:
+    """A memfs mount serving region ram0 and waiting for its page map."""
+    mnt = where / "mnt"
+    mnt.mkdir(parents=True)
+    memfs_cli("mount", "--region", f"ram0:{size}", "--store", str(where / "store"),
+              "--log", str(where / "memfs.log"), str(mnt))
+    try:
+        yield mnt
+    finally:
+        if memfs_cli("umount", "--timeout", "10", str(mnt), check=False).returncode:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def check_sum(image: GuestImage, s: GuestSum, before: GuestSum) -> None:
+    assert s.fill == before.fill == expected_fill_md5(image, FILL)
+    assert s.gen >= before.gen
+    assert s.work == expected_work_md5(image, s.gen)
+
+
+def check_report(rep: MigrateReport) -> None:
+    assert rep.stream_counted and 0 < rep.stream_bytes < 4 * MIB, rep  # no RAM in it
+    assert rep.downtime_ms > 0 and rep.total_ms >= rep.downtime_ms
+    assert len(rep.passes) == 2
+    assert rep.pages_total == RAM // 4096
+
+
+async def migrate_onto(src: VM, src_ram: Path, dst: VM, mnt: Path, work: Path,
+                       volume: Path) -> MigrateReport:
+    opts = MigrateOptions(source_qmp=None, rams=[("ram0", str(src_ram))], volume=str(volume),
+                          pagemap=str(work / f"{volume.stem}.pagemap"), dest_qmp=None,
+                          dest_mount=str(mnt), passes=1, timeout=60)
+    rep = await migrate(opts, src.qmp, dst.qmp)
+    print(rep.text())
+    return rep
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["share-on", "share-off"])
+async def test_migrate_onto_memfs(guest: GuestImage, shm: Path, tmp_path: Path,
+                                  share: bool) -> None:
+    src_ram = shm / "src.ram"
+    src_cfg = guest_config(guest, file_backend(src_ram, RAM), "src", fill_mib=FILL)
+    with waiting_mount(tmp_path / "m1") as mnt, trio.fail_after(60):
+        dst_cfg = guest_config(guest, file_backend(mnt / "ram0", RAM, share=share), "dst",
+                               incoming="defer", fill_mib=FILL)
+        async with VM.start(src_cfg, tmp_path) as src, VM.start(dst_cfg, tmp_path) as dst:
+            await src.console.expect(r"^READY", 30)
+            await trio.sleep(0.5)
+            before = await read_sum(src.console, "before")
+            rep = await migrate_onto(src, src_ram, dst, mnt, tmp_path, tmp_path / "vol1")
+            check_report(rep)
+            # non-zero pages went to the volume, most of them are still remote
+            assert rep.volume_bytes >= FILL // 2 * MIB, rep
+            assert rep.pages_remote_at_resume > FILL * 256 // 2, rep
+            assert (await dst.qmp.execute("query-status"))["status"] == "running"
+            after = await read_sum(dst.console, "after", 30)
+            check_sum(guest, after, before)
+            st = control.read_stats(mnt)
+            assert st["pages_fetched"] > 0 and st["checksum_failures"] == 0, st
+
+            # the guest keeps writing; its pages leave the host page cache
+            await trio.sleep(1)
+            mid = await read_sum(dst.console, "mid", 30)
+            assert mid.gen > after.gen
+            await trio.to_thread.run_sync(drop_caches)
+            if share:   # write-back reached the mount and its local store
+                assert control.read_stats(mnt)["writes"] > 0
+            later = await read_sum(dst.console, "later", 30)
+            check_sum(guest, later, before)
+            assert later.gen > mid.gen
+
+
+async def test_migrate_onward_keeps_remote_pages(guest: GuestImage, shm: Path,
+                                                 tmp_path: Path) -> None:
+    """source -> memfs mount 1 -> memfs mount 2.  In the second move, the pages
+    mount 1 never handed out are not read: they keep their place on volume 1."""
+    src_ram = shm / "src.ram"
+    src_cfg = guest_config(guest, file_backend(src_ram, RAM), "src", fill_mib=FILL)
+    vol1, vol2 = tmp_path / "vol1", tmp_path / "vol2"
+    with waiting_mount(tmp_path / "m1") as mnt1, waiting_mount(tmp_path / "m2") as mnt2, \
+            trio.fail_after(90):
+        cfg1 = guest_config(guest, file_backend(mnt1 / "ram0", RAM), "dst1", incoming="defer",
+                            fill_mib=FILL)
+        cfg2 = guest_config(guest, file_backend(mnt2 / "ram0", RAM), "dst2", incoming="defer",
+                            fill_mib=FILL)
+        async with VM.start(src_cfg, tmp_path) as src, VM.start(cfg1, tmp_path) as dst1:
+            await src.console.expect(r"^READY", 30)
+            await trio.sleep(0.5)
+            before = await read_sum(src.console, "before")
+            rep1 = await migrate_onto(src, src_ram, dst1, mnt1, tmp_path, vol1)
+            check_report(rep1)
+            check_sum(guest, await read_sum(dst1.console, "one", 30), before)
+            await src.qmp.execute("quit")
+            map1 = PageMap.load(tmp_path / "vol1.pagemap").region("ram0")
+
+            async with VM.start(cfg2, tmp_path) as dst2:
+                rep2 = await migrate_onto(dst1, mnt1 / "ram0", dst2, mnt2, tmp_path, vol2)
+                check_report(rep2)
+                check_sum(guest, await read_sum(dst2.console, "two", 30), before)
+                await dst1.qmp.execute("quit")
+
+                # what mount 1 never handed out, now that its guest is gone
+                await trio.to_thread.run_sync(control.save, mnt1, tmp_path / "view")
+                view = PageMap.load(tmp_path / "view").region("ram0")
+                st1 = control.read_stats(mnt1)
+                final = rep2.passes[-1]
+                never = [p for p in range(view.npages) if view.states[p] == PageState.REMOTE]
+                assert len(never) == st1["pages_remote"] == final["pages_kept"] > 1000, final
+                # ... were not read: every page the final pass read was handed out
+                local = view.count(PageState.LOCAL)
+                assert final["pages_read"] == local == st1["pages_served"], (final, st1)
+                # ... and keep their location on volume 1 (and their checksum)
+                pm2 = PageMap.load(tmp_path / "vol2.pagemap")
+                map2 = pm2.region("ram0")
+                v1 = pm2.disks.index(str(vol1))
+                for p in never:
+                    assert map2.states[p] == PageState.REMOTE
+                    assert (map2.disks[p], map2.offsets[p], map2.checksums[p]) == \
+                        (v1, map1.offsets[p], map1.checksums[p])
+                # handed-out pages whose content is still what came from volume 1
+                # point there again: volume 2 gets the pages the guest changed
+                assert rep2.passes[0]["pages_unchanged"] > local // 2, rep2.passes[0]
+                assert sum(p["pages_written"] for p in rep2.passes) * 4096 == rep2.volume_bytes
+                assert rep2.volume_bytes < rep1.volume_bytes // 4, (rep1, rep2)
+
+                # the guest on mount 2 runs on, through a dropped page cache
+                await trio.to_thread.run_sync(drop_caches)
+                later = await read_sum(dst2.console, "later", 30)
+                check_sum(guest, later, before)
+                st2 = control.read_stats(mnt2)
+                assert st2["checksum_failures"] == 0 and st2["pages_fetched"] > 0
