@@ -150,3 +150,14 @@ async def test_capture_references_guest_disk(guest: GuestImage, shm: Path,
                         assert stats["bytes_fetched"] >= 0.9 * DISK, stats
                         assert stats.get("checksum_failures", 0) == 0
                         await dst.qmp.execute("quit")
+
+
+def test_bench_index_smoke(guest: GuestImage) -> None:
+    """tools/bench-index runs and reports the saving (small sizes)."""
+    res = subprocess.run([str(Path(__file__).resolve().parents[1] / "tools" / "bench-index"),
+                          "--disk", "16", "--fill", "8", "--ram", "160", "--json", "-"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["plain"]["pages_referenced"] == 0
+    assert r["saved_of_disk"] > 0.9, r
