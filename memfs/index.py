@@ -575,9 +575,10 @@ async def aopen_referencer(disk_uri: str, index_path: str,
 # -- page map accounting (the mount's stats) ------------------------------------
 
 def remote_split(pm: PageMap) -> dict[str, int]:
-    """Remote pages on the migration volume (pm.meta['volume']) vs on other disks."""
+    """Remote pages on the migration volume (pm.meta['volume']; else the first
+    disk, where capture puts it) vs on other disks."""
     volume = pm.meta.get("volume") if isinstance(pm.meta, dict) else None
-    vol = pm.disks.index(volume) if volume in pm.disks else -1
+    vol = pm.disks.index(volume) if volume in pm.disks else (0 if pm.disks else -1)
     remote = on_volume = 0
     is_remote = bytes(int(i == PageState.REMOTE) for i in range(256))
     is_vol = bytes(int(i == vol) for i in range(256))
