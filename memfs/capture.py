@@ -16,17 +16,20 @@ pages are read (through the mount, page cache included) and classified.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
 import trio
 
 from .disks import Disk, DiskError, open_disk
-from .pagemap import PAGE_SIZE, PageMap, PageMapError, PageState, Region, checksum
+from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState, Region,
+                      checksum)
 
 log = logging.getLogger("memfs.capture")
 
@@ -239,9 +242,19 @@ def _keep_from_view(region: Region, view_pm: PageMap, pm: PageMap,
     return runs
 
 
+#: read buffers in rotation: one being filled, two in the channel, one being
+#: classified, one spare
+NBUF = 5
+#: buffers kept between captures (migrate's passes): a fresh 8 MiB buffer
+#: costs a page fault per page
+_POOL: list[bytearray] = []
+
+
 async def _read_chunks(path: str, size: int, send: trio.MemorySendChannel,
-                       ranges: list[tuple[int, int]] | None = None) -> None:
-    """Send (offset, bytes) for the whole file, or for the byte ``ranges``."""
+                       ranges: list[tuple[int, int]] | None, bufs: list[bytearray]) -> None:
+    """Send (offset, data) for the whole file, or for the byte ``ranges``
+    (each at most CHUNK).  ``data`` is a view of a reused buffer: valid until
+    the receiver asks for the item NBUF - 2 after it."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if ranges is None:
@@ -254,30 +267,38 @@ async def _read_chunks(path: str, size: int, send: trio.MemorySendChannel,
             # one thread hop per CHUNK bytes, however small the ranges
             batch: list[tuple[int, int]] = []
             batch_bytes = 0
+            nbatch = 0
             for i, (off, n) in enumerate(ranges):
                 batch.append((off, n))
                 batch_bytes += n
-                if batch_bytes >= CHUNK or i == len(ranges) - 1:
-                    got = await trio.to_thread.run_sync(_pread_ranges, fd, batch)
+                last = i == len(ranges) - 1
+                if last or batch_bytes + ranges[i + 1][1] > CHUNK:
+                    buf = memoryview(bufs[nbatch % NBUF])
+                    nbatch += 1
+                    await trio.to_thread.run_sync(_pread_ranges, fd, batch, buf)
+                    at = 0
+                    for o, k in batch:
+                        await send.send((o, buf[at:at + k]))
+                        at += k
                     batch, batch_bytes = [], 0
-                    for item in got:
-                        await send.send(item)
     finally:
         os.close(fd)
 
 
-def _pread_ranges(fd: int, ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-    return [(off, _pread_full(fd, off, n)) for off, n in ranges]
+def _pread_ranges(fd: int, ranges: list[tuple[int, int]], buf: memoryview) -> None:
+    at = 0
+    for off, n in ranges:
+        _pread_full(fd, off, buf[at:at + n])
+        at += n
 
 
-def _pread_full(fd: int, off: int, n: int) -> bytes:
-    data = os.pread(fd, n, off)
-    while len(data) < n:
-        more = os.pread(fd, n - len(data), off + len(data))
-        if not more:
-            raise CaptureError(f"RAM file ended early at {off + len(data)}")
-        data += more
-    return data
+def _pread_full(fd: int, off: int, into: memoryview) -> None:
+    done = 0
+    while done < len(into):
+        got = os.preadv(fd, [into[done:]], off + done)
+        if not got:
+            raise CaptureError(f"RAM file ended early at {off + done}")
+        done += got
 
 
 async def _capture_region(path: str, region: Region, volume: Disk, vol_index: int,
@@ -288,22 +309,71 @@ async def _capture_region(path: str, region: Region, volume: Disk, vol_index: in
                           seen: tuple[Region, PageMap] | None = None) -> None:
     ps = region.page_size
     zero_chunk = bytes(CHUNK)
-    send, recv = trio.open_memory_channel[tuple[int, bytes]](2)
+    send, recv = trio.open_memory_channel[tuple[int, memoryview]](NBUF - 3)
+    bufs = [_POOL.pop() if _POOL else bytearray(CHUNK) for _ in range(NBUF)]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_read_chunks, path, region.size, send, ranges, name=f"read {path}")
+        nursery.start_soon(_read_chunks, path, region.size, send, ranges, bufs,
+                           name=f"read {path}")
         async with recv:
             async for off, data in recv:
                 first = off // ps
                 npages = len(data) // ps
                 result.pages_total += npages
                 result.pages_read += npages
-                if data == zero_chunk[:len(data)]:
+                if _is_zero(data, zero_chunk):
                     result.pages_zero += npages  # Region.empty made them zero pages
+                    tick(len(data))
+                    continue
+                if old is not None and _unchanged_chunk(region, first, memoryview(data),
+                                                        old, base_pm, pm, result):
                     tick(len(data))
                     continue
                 await _capture_chunk(region, first, memoryview(data), volume, vol_index,
                                      voff, old, base_pm, pm, referencer, result, seen)
                 tick(len(data))
+    # every item is consumed: the buffers are free for the next region or pass
+    _POOL.extend(bufs[:max(0, NBUF - len(_POOL))])
+
+
+def _unchanged_chunk(region: Region, first: int, view: memoryview, old: Region,
+                     base_pm: PageMap | None, pm: PageMap, result: CaptureResult) -> bool:
+    """The fast path of a later pass: if no page of the chunk changed since
+    the base pass, take the base's entries for the whole chunk and return
+    True; else return False and leave everything as it was."""
+    ps = region.page_size
+    n = len(view) // ps
+    sums = array("Q", [checksum(view[i:i + ps]) for i in range(0, n * ps, ps)])
+    if sums != old.checksums[first:first + n]:
+        return False
+    states = old.states[first:first + n]
+    if PageState.LOCAL in states:
+        return False
+    zeros = 0
+    for a, b in _runs_of(states, PageState.ZERO):
+        zeros += b - a
+        if view[a * ps:b * ps].tobytes() != bytes((b - a) * ps):
+            return False        # a zero page became a page with the zero checksum
+    assert base_pm is not None
+    disk_map = bytes(pm.disk_index(u) for u in base_pm.disks) + bytes(256 - len(base_pm.disks))
+    region.states[first:first + n] = states
+    region.disks[first:first + n] = old.disks[first:first + n].translate(disk_map)
+    region.offsets[first:first + n] = old.offsets[first:first + n]
+    region.checksums[first:first + n] = sums
+    result.pages_zero += zeros
+    result.pages_unchanged += n - zeros
+    return True
+
+
+def _is_zero(data: memoryview, zeros: bytes) -> bool:
+    """``data`` is all zeros (comparing a memoryview byte by byte is slow:
+    hash first, compare bytes only when the hash says zero)."""
+    n = len(data)
+    return checksum(data) == _zero_sum(n) and data.tobytes() == zeros[:n]
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_sum(n: int) -> int:
+    return checksum(bytes(n))
 
 
 async def _capture_chunk(region: Region, first: int, view: memoryview, volume: Disk,
@@ -330,11 +400,11 @@ async def _capture_chunk(region: Region, first: int, view: memoryview, volume: D
     for k in range(npages):
         p = first + k
         page = view[k * ps:(k + 1) * ps]
-        if page == zero:
+        csum = checksum(page)
+        if csum == ZERO_CHECKSUM and page.tobytes() == zero:
             await flush(k)
             result.pages_zero += 1
             continue
-        csum = checksum(page)
         if old is not None and old.states[p] == PageState.REMOTE and old.checksums[p] == csum:
             await flush(k)
             assert base_pm is not None
