@@ -24,6 +24,7 @@ from .daemon import Daemon, MountError, MountOptions, check_mountpoint
 from .disks import DiskError
 from .pagemap import PageMap, PageMapError
 from .report import render_stats, parse_size
+from .trace import Trace, TraceError
 
 log = logging.getLogger("memfs")
 
@@ -86,7 +87,10 @@ def mount_options(a: argparse.Namespace) -> MountOptions:
         store_dir=a.store, allow_other=a.allow_other, debug_fuse=a.debug_fuse,
         read_ahead_kb=a.read_ahead_kb, max_read=a.max_read, fetch_retries=a.retries,
         mode=int(a.mode, 8), bdi_max_ratio=a.bdi_max_ratio,
-        bdi_strict_limit=a.bdi_strict_limit)
+        bdi_strict_limit=a.bdi_strict_limit, prefetch=not a.no_prefetch, push=not a.no_push,
+        prefetch_rate=parse_size(a.prefetch_rate) if a.prefetch_rate else None,
+        prefetch_trace=a.prefetch_trace, trace_out=a.trace_out,
+        pagemap_path=os.path.abspath(a.pagemap) if a.pagemap else None)
 
 
 def cmd_mount(a: argparse.Namespace) -> int:
@@ -97,6 +101,9 @@ def cmd_mount(a: argparse.Namespace) -> int:
         raise UsageError("no mount point given")
     opts = mount_options(a)
     check_mountpoint(opts.mountpoint)
+    if opts.prefetch_trace:
+        Trace.load(opts.prefetch_trace)  # a clear error now, not in the daemon's log
+
     if a.foreground:
         setup_logging(a.debug, a.log)
         trio.run(Daemon(opts).run)
@@ -252,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bdi-max-ratio", type=int, metavar="PCT", help="bdi max_ratio")
     m.add_argument("--bdi-strict-limit", type=int, choices=(0, 1), help="bdi strict_limit")
     m.add_argument("--retries", type=int, default=3, help="fetch retries before EIO (3)")
+    m.add_argument("--no-prefetch", action="store_true",
+                   help="no background completion: pages come only on demand")
+    m.add_argument("--no-push", action="store_true",
+                   help="prefetch into the local store only, not into the page cache")
+    m.add_argument("--prefetch-rate", metavar="BYTES/S",
+                   help="limit background fetching (e.g. 200M)")
+    m.add_argument("--prefetch-trace", metavar="FILE",
+                   help="a working-set trace of an earlier mount: fetch its pages first")
+    m.add_argument("--trace-out", metavar="FILE",
+                   help="where the working-set trace goes at unmount (PAGEMAP.trace)")
     m.add_argument("--log", metavar="FILE", help="log file (daemon default /run/memfs/…)")
     m.set_defaults(func=cmd_mount)
 
@@ -301,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(a.debug)
     try:
         return a.func(a)
-    except (UsageError, MountError, PageMapError, CaptureError, DiskError) as e:
+    except (UsageError, MountError, PageMapError, CaptureError, DiskError, TraceError) as e:
         print(f"memfs: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:

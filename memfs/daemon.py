@@ -21,6 +21,8 @@ from .fetcher import Fetcher
 from .fs import MemFS
 from .pagemap import PageMap, PageMapError
 from .pages import PageServer
+from .prefetch import Prefetcher
+from .trace import Trace
 from .stats import Stats
 from .store import LocalStore
 
@@ -42,6 +44,14 @@ class MountOptions:
     mode: int = 0o600
     bdi_max_ratio: int | None = None
     bdi_strict_limit: int | None = None
+    #: background completion (issue: prefetch into the page cache)
+    prefetch: bool = True
+    push: bool = True
+    prefetch_rate: float | None = None
+    prefetch_trace: str | None = None
+    #: where the working-set trace goes at unmount (None: beside the page map)
+    trace_out: str | None = None
+    pagemap_path: str | None = None
 
 
 class MountError(Exception):
@@ -107,6 +117,17 @@ class Daemon:
         self.stats.gauges.append(self._disk_stats)
         self.fs = MemFS(self.pages, self.stats, self.control, mode=opts.mode)
         self._stack = AsyncExitStack()
+        self.pagemap_path = opts.pagemap_path
+        self.prefetcher: Prefetcher | None = None
+        self.stats.gauges.append(self._prefetch_stats)
+        self._inited = trio.Event()
+
+    def _prefetch_stats(self) -> dict[str, object]:
+        p = self.prefetcher
+        if p is None:
+            return {"prefetch_done": 0}
+        return {"prefetch_done": int(p.done.is_set()),
+                "prefetch_seconds": round(p.finished_at, 3) if p.finished_at else 0}
 
     def _disk_stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -135,6 +156,7 @@ class Daemon:
         if cmd == "load":
             pm = await trio.to_thread.run_sync(PageMap.load, arg.strip())
             await self.install(pm)
+            self.pagemap_path = arg.strip()
         elif cmd == "save":
             # the mount's view for an onward capture (PageServer.view)
             path = arg.strip()
@@ -143,8 +165,14 @@ class Daemon:
             view = self.pages.view()
             view.meta["mountpoint"] = self.opts.mountpoint
             await trio.to_thread.run_sync(view.save, path)
+        elif cmd == "trace":
+            path = arg.strip()
+            if not os.path.isabs(path):
+                raise ValueError("trace needs an absolute path")
+            await trio.to_thread.run_sync(self.pages.trace.save, path)
         else:
-            raise ValueError(f"unknown control command {cmd!r} (known: load PATH, save PATH)")
+            raise ValueError(f"unknown control command {cmd!r} "
+                             "(known: load PATH, save PATH, trace PATH)")
 
     def fuse_options(self) -> set[str]:
         o = set(pyfuse3.default_options)
@@ -173,10 +201,34 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope, name="signals")
                 nursery.start_soon(self._after_init, mp, ready, name="after-init")
+                if self.opts.prefetch:
+                    nursery.start_soon(self._prefetch, mp, name="prefetch")
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
                 # main returns once unmounted (fusermount -u) or terminated
                 nursery.cancel_scope.cancel()
             log.info("unmounted %s; stats %s", mp, self.stats.counters)
+            self._save_trace()
+
+    def _save_trace(self) -> None:
+        path = self.opts.trace_out or (self.pagemap_path + ".trace" if self.pagemap_path
+                                       else None)
+        if not path or not len(self.pages.trace):
+            return
+        try:
+            self.pages.trace.save(path)
+            log.info("working-set trace of %d pages written to %s", len(self.pages.trace), path)
+        except OSError as e:
+            log.warning("cannot write the working-set trace %s: %s", path, e.strerror)
+
+    async def _prefetch(self, mp: str) -> None:
+        trace = None
+        if self.opts.prefetch_trace:
+            trace = await trio.to_thread.run_sync(Trace.load, self.opts.prefetch_trace)
+        await self._inited.wait()
+        self.prefetcher = Prefetcher(
+            self.pages, self.stats, mountpoint=mp, inode_of=self.fs.region_inode.__getitem__,
+            push=self.opts.push, rate=self.opts.prefetch_rate, trace=trace)
+        await self.prefetcher.run()
 
     async def _after_init(self, mp: str, ready: Callable[[], None]) -> None:
         """Tune the bdi once the kernel's INIT is done (INIT resets read-ahead),
@@ -185,6 +237,7 @@ class Daemon:
         dev = mount_dev(mp)
         applied = tune_bdi(dev, self.opts) if dev else {}
         log.info("mounted %s (bdi %s) %s", mp, dev, applied)
+        self._inited.set()
         ready()
 
     async def _signals(self, scope: trio.CancelScope) -> None:

@@ -21,6 +21,7 @@ from .fetcher import Fetcher, FetchError, remote_pages
 from .pagemap import PageMap, PageMapError, PageState, Region
 from .stats import Stats
 from .store import LocalStore
+from .trace import Trace
 
 log = logging.getLogger("memfs.pages")
 LOCAL = PageState.LOCAL
@@ -48,6 +49,10 @@ class PageServer:
         self.fetcher: Fetcher | None = None
         self.installed = trio.Event()
         self.served: dict[str, bytearray] = {}
+        #: region -> page range a prefetch push is writing into the page cache
+        self.pushing: dict[str, tuple[int, int]] = {}
+        #: first-demand order of pages, for a later mount's prefetch
+        self.trace = Trace()
         self._locks: dict[str, trio.Lock] = {n: trio.Lock() for n in regions}
         self.on_fetched: list[Callable[[Region, list[int]], None]] = []
         for name, size in regions.items():
@@ -131,8 +136,15 @@ class PageServer:
             return b""
         ps = region.page_size
         first, last = offset // ps, (end + ps - 1) // ps
-        data = await self._read_pages(region, first, last - first)
+        # Served from the moment the READ arrives: the prefetcher must not push
+        # these pages any more (DESIGN.md invariant 3).
         self.served[name][first:last] = b"\1" * (last - first)
+        push = self.pushing.get(name)
+        if push and push[0] < last and first < push[1]:
+            self.stats.add("push_races")
+            log.warning("READ of %s pages %d..%d while a push of %d..%d is in flight",
+                        name, first, last - 1, push[0], push[1] - 1)
+        data = await self._read_pages(region, first, last - first)
         self.stats.add("reads")
         self.stats.add("bytes_read", end - offset)
         self.stats.record_read(time.perf_counter() - t0)
@@ -148,7 +160,9 @@ class PageServer:
         buf = bytearray(count * ps)
         if REMOTE in states:
             self.stats.add("faults")
-            await self._fetch_into(region, first, buf, remote_pages(region, first, count))
+            pages = remote_pages(region, first, count)
+            self.trace.record(region.name, region.npages, pages)
+            await self._fetch_into(region, first, buf, pages)
         await self._copy_local(region, first, count, buf)
         return buf
 
@@ -161,14 +175,14 @@ class PageServer:
         except FetchError as e:
             self.stats.add("read_errors")
             # verified neighbours are still worth keeping for the next READ
-            await self._keep(region, getattr(e, "partial", {}))
+            await self.keep(region, getattr(e, "partial", {}))
             raise PageIOError(errno.EIO, str(e)) from None
         for p, data in got.items():
             at = (p - first) * ps
             buf[at:at + ps] = data
-        await self._keep(region, got)
+        await self.keep(region, got)
 
-    async def _keep(self, region: Region, got: dict[int, memoryview]) -> None:
+    async def keep(self, region: Region, got: dict[int, memoryview]) -> list[int]:
         """Move fetched pages to the local store and clear their source bit.
 
         Under the region lock, and only for pages still remote: a page the
@@ -190,6 +204,7 @@ class PageServer:
         if kept:
             for cb in self.on_fetched:
                 cb(region, kept)
+        return kept
 
     async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray) -> None:
         """Overlay pages that are LOCAL now (read after the fetch: a write that

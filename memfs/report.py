@@ -35,7 +35,8 @@ _SECTIONS = (
                   "reads_waited_for_pagemap")),
     ("fetches", ("fetch_requests", "pages_fetched", "bytes_fetched", "fetch_retries",
                  "fetch_errors", "checksum_failures", "pages_failed", "read_errors")),
-    ("prefetch", ("pages_prefetched", "pages_pushed", "push_errors")),
+    ("prefetch", ("pages_prefetched", "pages_pushed", "push_errors", "push_races",
+                  "prefetch_done", "prefetch_seconds")),
 )
 
 

@@ -1,0 +1,229 @@
+"""Background completion: stream the remaining remote pages, then push them.
+
+Once the page map is installed, every remote page is fetched in disk order
+(a working-set trace's pages first) with large coalesced reads at prefetch
+priority, kept in the local store (its source bit cleared), and — unless it
+was ever served — pushed into the kernel's page cache with notify_store, so
+that the guest's first touch is a page-cache hit.  When no page is remote the
+disk is no longer needed, and the log says so.
+
+DESIGN.md invariant 3 is kept by three checks, in this order: a page the page
+server has served (or is serving: it marks pages when a READ arrives) is never
+pushed; a page the kernel holds (mincore on a mapping of the region) is not
+pushed either; and a push runs in a worker thread, never on the trio loop,
+because notify_store waits for page locks that a pending READ holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import time
+from typing import Callable, Iterator
+
+import trio
+
+from .fetcher import FetchError
+from .pagemap import PageState, Region
+from .pages import PageServer
+from .stats import Stats
+from .trace import Trace
+
+log = logging.getLogger("memfs.prefetch")
+
+REMOTE = PageState.REMOTE
+LOCAL = PageState.LOCAL
+ZERO = PageState.ZERO
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+class Residency:
+    """Which pages of a region file the kernel holds, by mincore(2).
+
+    The mapping is made from a worker thread: opening our own file sends
+    LOOKUP and OPEN to this very daemon.  Mapping and mincore never fault.
+    """
+
+    def __init__(self, path: str, size: int) -> None:
+        self.size = size
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"mmap {path}: {os.strerror(err)}")
+        self.addr = addr
+
+    def resident(self, first: int, count: int, page_size: int) -> bytes:
+        vec = ctypes.create_string_buffer(count)
+        if _libc.mincore(self.addr + first * page_size, count * page_size, vec) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return bytes(b & 1 for b in vec.raw)
+
+    def close(self) -> None:
+        """Call from a worker thread (see the class docstring)."""
+        _libc.munmap(self.addr, self.size)
+        os.close(self.fd)
+
+
+class Prefetcher:
+    def __init__(self, pages: PageServer, stats: Stats, *, mountpoint: str | None,
+                 inode_of: Callable[[str], int], push: bool = True,
+                 rate: float | None = None, batch: int = 1 << 20,
+                 trace: Trace | None = None) -> None:
+        self.pages = pages
+        self.stats = stats
+        self.mountpoint = mountpoint
+        self.inode_of = inode_of
+        self.push = push and mountpoint is not None
+        self.rate = rate  # bytes per second, None for unlimited
+        self.batch = batch
+        self.trace = trace
+        self.done = trio.Event()
+        self.finished_at: float | None = None
+
+    async def run(self) -> None:
+        await self.pages.installed.wait()
+        pm = self.pages.pagemap
+        assert pm is not None
+        t0 = time.monotonic()
+        log.info("prefetch: %d remote pages to complete%s", pm.counts()["pages_remote"],
+                 " (pushing into the page cache)" if self.push else "")
+        for region in pm.regions:
+            res = None
+            if self.push:
+                path = os.path.join(self.mountpoint or "", region.name)
+                try:
+                    res = await trio.to_thread.run_sync(Residency, path, region.size)
+                except OSError as e:
+                    log.warning("prefetch: no residency check for %s (%s): not pushing",
+                                region.name, e)
+            try:
+                await self._region(region, res)
+            finally:
+                if res is not None:
+                    # close() sends FLUSH to this very daemon: never on the loop
+                    await trio.to_thread.run_sync(res.close)
+        left = pm.counts()["pages_remote"]
+        self.finished_at = time.monotonic() - t0
+        if left == 0:
+            log.info("prefetch: every page is local after %.2fs: the disk is no longer "
+                     "needed", self.finished_at)
+        else:
+            log.error("prefetch: %d pages are still remote (fetch errors); the disk is "
+                      "still needed", left)
+        self.done.set()
+
+    def _batches(self, region: Region) -> Iterator[list[int]]:
+        """Remote pages in trace order first, then in disk order, batched."""
+        per = max(1, self.batch // region.page_size)
+        states = region.states
+        if self.trace and region.name in self.trace.order:
+            hot = [p for p in self.trace.order[region.name] if p < region.npages]
+            for i in range(0, len(hot), per):
+                chunk = sorted(p for p in hot[i:i + per] if states[p] == REMOTE)
+                if chunk:
+                    yield chunk
+        order = sorted(range(region.npages), key=lambda p: (region.disks[p], region.offsets[p])) \
+            if not _identity_order(region) else range(region.npages)
+        chunk: list[int] = []
+        for p in order:
+            if states[p] == REMOTE:
+                chunk.append(p)
+                if len(chunk) >= per:
+                    yield sorted(chunk)
+                    chunk = []
+        if chunk:
+            yield sorted(chunk)
+
+    async def _region(self, region: Region, res: Residency | None) -> None:
+        ps = region.page_size
+        fetcher = self.pages.fetcher
+        assert fetcher is not None
+        for chunk in self._batches(region):
+            chunk = [p for p in chunk if region.states[p] == REMOTE]  # demand may have won
+            if not chunk:
+                continue
+            t = time.monotonic()
+            try:
+                got = await fetcher.fetch(region, chunk, prefetch=True)
+            except FetchError as e:
+                got = getattr(e, "partial", {})
+                log.error("prefetch: %s", e)
+            kept = await self.pages.keep(region, got)
+            self.stats.add("pages_prefetched", len(kept))
+            if res is not None and kept:
+                await self._push(region, res, kept, got)
+            if self.rate:
+                await trio.sleep(max(0.0, len(chunk) * ps / self.rate - (time.monotonic() - t)))
+
+    async def _push(self, region: Region, res: Residency, kept: list[int],
+                    got: dict[int, memoryview]) -> None:
+        """Push the kept pages, and the zero pages between them (a lone zero
+        page left out would cost the guest a 4 KiB READ of its own)."""
+        ps = region.page_size
+        served = self.pages.served[region.name]
+        states = region.states
+        lo, hi = kept[0], kept[-1] + 1
+        resident = res.resident(lo, hi - lo, ps)
+        todo = [p for p in range(lo, hi)
+                if not served[p] and not resident[p - lo]
+                and (p in got and states[p] == LOCAL or states[p] == ZERO)]
+        if not todo:
+            return
+        for p in todo:  # a push is serving too: never pushed twice, read by onward capture
+            served[p] = 1
+        inode = self.inode_of(region.name)
+        spans = _spans(todo)
+        self.pages.pushing[region.name] = (lo, hi)
+        try:
+            await trio.to_thread.run_sync(_notify_many, inode, ps, spans, got)
+            self.stats.add("pages_pushed", len(todo))
+        except OSError as e:
+            self.stats.add("push_errors")
+            log.warning("prefetch: notify_store failed for %s: %s", region.name, e)
+        finally:
+            self.pages.pushing.pop(region.name, None)
+
+
+def _identity_order(region: Region) -> bool:
+    """True when region order is disk order (capture's identity layout), the
+    common case, which saves sorting millions of pages."""
+    n = region.npages
+    offs, disks = region.offsets, region.disks
+    prev = -1
+    for p in range(0, n, max(1, n // 64)):
+        if region.states[p] != REMOTE:
+            continue
+        key = (disks[p] << 56) + offs[p]
+        if key < prev:
+            return False
+        prev = key
+    return True
+
+
+def _spans(pages: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+def _notify_many(inode: int, ps: int, spans: list[tuple[int, int]],
+                 got: dict[int, memoryview]) -> None:
+    import pyfuse3
+    for p0, n in spans:
+        zero = bytes(ps)
+        data = b"".join(got.get(p, zero) for p in range(p0, p0 + n))
+        pyfuse3.notify_store(inode, p0 * ps, data)

@@ -1,0 +1,136 @@
+"""Background completion and working-set traces: pure logic and real mounts."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+
+import pytest
+import trio
+
+from memfs.capture import capture
+from memfs.pagemap import PageMap, PageState, Region
+from memfs.prefetch import Prefetcher
+from memfs.trace import Trace, TraceError
+from ramimage import PS, drop_caches, memfs, mounted, read_stat
+from test_fetcher import make_server
+
+
+def wait_stat(mnt: str, name: str, value: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while read_stat(mnt, name) != value:
+        assert time.monotonic() < deadline, f"{name} never became {value}"
+        time.sleep(0.05)
+
+
+def test_trace_round_trip_and_errors(tmp_path) -> None:
+    t = Trace()
+    t.record("ram0", 100, [5, 3, 5, 99])
+    t.record("ram0", 100, [3, 7])
+    assert list(t.order["ram0"]) == [5, 3, 99, 7] and len(t) == 4
+    t.save(str(tmp_path / "t"))
+    assert list(Trace.load(str(tmp_path / "t")).order["ram0"]) == [5, 3, 99, 7]
+    for bad in (b"", b"\x93\x01", Trace().dumps()[:-1]):
+        with pytest.raises(TraceError):
+            Trace.loads(bad)
+
+
+def test_batches_take_the_trace_first() -> None:
+    r = Region.empty("ram0", 64 * PS)
+    for p in range(64):
+        r.set_remote(p, 0, p * PS, 0)
+    t = Trace()
+    t.record("ram0", 64, [40, 41, 7])
+    pf = Prefetcher.__new__(Prefetcher)
+    pf.batch, pf.trace = 16 * PS, t
+    batches = list(pf._batches(r))
+    assert batches[0] == [7, 40, 41]
+    assert sorted(p for b in batches[1:] for p in b) == list(range(64))  # the rest follows
+
+
+async def test_prefetch_completes_into_the_store(tmp_path, ram) -> None:
+    path, data = ram
+    await capture([("ram0", path)], str(tmp_path / "vol"), str(tmp_path / "pm"),
+                  progress=False)
+    pm = PageMap.load(tmp_path / "pm")
+    server, _, stats = await make_server(tmp_path, pm)
+    pf = Prefetcher(server, stats, mountpoint=None, inode_of=lambda n: 0)
+    await pf.run()
+    assert pm.counts()["pages_remote"] == 0 and pf.done.is_set()
+    assert stats.counters["pages_prefetched"] == pm.counts()["pages_local"]
+    os.truncate(tmp_path / "vol", 0)  # the disk is no longer needed
+    assert await server.read("ram0", 0, len(data)) == data
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_pushed_pages_are_page_cache_hits(tmp_path, ram) -> None:
+    path, data = ram
+    pm = str(tmp_path / "pm")
+    memfs("capture", "--ram", path, "--volume", str(tmp_path / "vol"), "--out", pm)
+    mnt = str(tmp_path / "mnt")
+    with mounted(pm, mnt):
+        wait_stat(mnt, "prefetch_done", 1)
+        assert read_stat(mnt, "pages_remote") == 0
+        assert read_stat(mnt, "pages_pushed") > 0
+        reads = read_stat(mnt, "reads")
+        with open(os.path.join(mnt, "ram0"), "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            assert m[:] == data
+            m.close()
+        # pushed pages and the zero pages between them never cost a READ
+        assert read_stat(mnt, "reads") - reads < len(data) // PS // 8
+        assert read_stat(mnt, "push_races") == 0
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_prefetch_never_overwrites_what_the_guest_wrote(tmp_path, ram) -> None:
+    path, data = ram
+    pm = str(tmp_path / "pm")
+    memfs("capture", "--ram", path, "--volume", str(tmp_path / "vol"), "--out", pm)
+    mnt = str(tmp_path / "mnt")
+    want = bytearray(data)
+    with mounted(pm, mnt, "--prefetch-rate", "1M"):  # slow: we write ahead of it
+        fd = os.open(os.path.join(mnt, "ram0"), os.O_RDWR)
+        m = mmap.mmap(fd, 0, mmap.MAP_SHARED)
+        for p in range(1, len(data) // PS, 37):
+            m[p * PS + 8:p * PS + 16] = b"GUESTWR!"
+            want[p * PS + 8:p * PS + 16] = b"GUESTWR!"
+        mid = bytes(m[:])  # the dirty pages as the guest sees them
+        assert mid == bytes(want)
+        m.flush()
+        wait_stat(mnt, "prefetch_done", 1, timeout=60)
+        assert bytes(m[:]) == bytes(want)
+        m.close()
+        os.close(fd)
+        drop_caches()
+        with open(os.path.join(mnt, "ram0"), "rb") as f:
+            assert f.read() == bytes(want)
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_trace_is_written_at_unmount_and_replayed(tmp_path, ram) -> None:
+    path, data = ram
+    pm = str(tmp_path / "pm")
+    memfs("capture", "--ram", path, "--volume", str(tmp_path / "vol"), "--out", pm)
+    region = PageMap.load(pm).region("ram0")
+    touched = [p for p in (900, 12, 500, 77) if region.states[p] == PageState.REMOTE]
+    mnt = str(tmp_path / "mnt")
+    with mounted(pm, mnt, "--no-prefetch", "--read-ahead-kb", "0"):
+        fd = os.open(os.path.join(mnt, "ram0"), os.O_RDONLY)
+        for p in touched:
+            assert os.pread(fd, PS, p * PS) == data[p * PS:(p + 1) * PS]
+        os.close(fd)
+    trace = Trace.load(pm + ".trace")
+    assert list(trace.order["ram0"])[:len(touched)] == touched
+    with mounted(pm, mnt, "--prefetch-trace", pm + ".trace", "--no-push"):
+        wait_stat(mnt, "prefetch_done", 1)
+        log = open(mnt + ".log").read()
+        assert "every page is local" in log
+    bad = tmp_path / "bad.trace"
+    bad.write_bytes(b"nonsense")
+    res = memfs("mount", pm, mnt, "--prefetch-trace", str(bad), check=False)
+    assert res.returncode == 1 and "not a trace" in res.stderr
