@@ -87,7 +87,11 @@ class MigrateReport:
     device_ms: float = 0.0
     qemu_downtime_ms: float | None = None
     passes: list[dict[str, Any]] = field(default_factory=list)
+    #: milliseconds from the start to the end of each step
     steps_ms: dict[str, float] = field(default_factory=dict)
+    #: host monotonic time of the start (the first capture pass), to line up
+    #: the report with other clocks
+    started: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,7 +234,7 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
         await set_capabilities(q, x_ignore_shared=True)
     await migrate_incoming(dst, incoming)
 
-    t0 = time.monotonic()
+    t0 = rep.started = time.monotonic()
     steps = rep.steps_ms
 
     def mark(step: str) -> None:
