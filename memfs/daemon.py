@@ -201,6 +201,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope, name="signals")
                 nursery.start_soon(self._after_init, mp, ready, name="after-init")
+                self.pages.background = nursery
                 if self.opts.prefetch:
                     nursery.start_soon(self._prefetch, mp, name="prefetch")
                 await pyfuse3.main(min_tasks=4, max_tasks=64)

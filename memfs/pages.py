@@ -53,6 +53,9 @@ class PageServer:
         self.pushing: dict[str, tuple[int, int]] = {}
         #: first-demand order of pages, for a later mount's prefetch
         self.trace = Trace()
+        #: where deferred store writes run (set by the daemon); None: inline
+        self.background: trio.Nursery | None = None
+        self._deferred = 0
         self._locks: dict[str, trio.Lock] = {n: trio.Lock() for n in regions}
         self.on_fetched: list[Callable[[Region, list[int]], None]] = []
         for name, size in regions.items():
@@ -158,16 +161,23 @@ class PageServer:
         if not any(states):
             return bytes(count * ps)
         buf = bytearray(count * ps)
+        fresh: list[int] = []
         if REMOTE in states:
             self.stats.add("faults")
             pages = remote_pages(region, first, count)
             self.trace.record(region.name, region.npages, pages)
-            await self._fetch_into(region, first, buf, pages)
-        await self._copy_local(region, first, count, buf)
+            fresh = await self._fetch_into(region, first, buf, pages, defer=True)
+        await self._copy_local(region, first, count, buf, skip=fresh)
         return buf
 
     async def _fetch_into(self, region: Region, first: int, buf: bytearray,
-                          pages: list[int]) -> None:
+                          pages: list[int], defer: bool = False) -> list[int]:
+        """Fetch ``pages`` into ``buf``; return those whose bytes in ``buf``
+        are current (the others were written meanwhile: read the store).
+
+        ``defer`` moves the store write off the READ's critical path: the
+        pages stay REMOTE until it lands, and ``keep`` re-checks under the
+        lock, so a write that comes first still wins."""
         assert self.fetcher is not None
         ps = region.page_size
         try:
@@ -180,7 +190,20 @@ class PageServer:
         for p, data in got.items():
             at = (p - first) * ps
             buf[at:at + ps] = data
-        await self.keep(region, got)
+        if defer and self.background is not None and self._deferred < 64:
+            self._deferred += 1
+            self.background.start_soon(self._keep_later, region, got)
+            states = region.states
+            return [p for p in got if states[p] == REMOTE]
+        return await self.keep(region, got)
+
+    async def _keep_later(self, region: Region, got: dict[int, memoryview]) -> None:
+        try:
+            await self.keep(region, got)
+        except OSError as e:  # the page stays REMOTE: fetched again next time
+            log.error("local store write failed: %s", e)
+        finally:
+            self._deferred -= 1
 
     async def keep(self, region: Region, got: dict[int, memoryview]) -> list[int]:
         """Move fetched pages to the local store and clear their source bit.
@@ -206,12 +229,14 @@ class PageServer:
                 cb(region, kept)
         return kept
 
-    async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray) -> None:
+    async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray,
+                          skip: list[int] = []) -> None:
         """Overlay pages that are LOCAL now (read after the fetch: a write that
         raced with it wins)."""
         ps = region.page_size
         states = region.states
-        local = [p for p in range(first, first + count) if states[p] == LOCAL]
+        done = set(skip)
+        local = [p for p in range(first, first + count) if states[p] == LOCAL and p not in done]
         if not local:
             return
         spans = _stretches(local)

@@ -9,7 +9,7 @@ disk is no longer needed, and the log says so.
 
 DESIGN.md invariant 3 is kept by three checks, in this order: a page the page
 server has served (or is serving: it marks pages when a READ arrives) is never
-pushed; a page the kernel holds (mincore on a mapping of the region) is not
+pushed; a page the kernel holds (cachestat(2) on the region file) is not
 pushed either; and a push runs in a worker thread, never on the trio loop,
 because notify_store waits for page locks that a pending READ holds.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
 import time
 from typing import Callable, Iterator
@@ -37,40 +36,51 @@ REMOTE = PageState.REMOTE
 LOCAL = PageState.LOCAL
 ZERO = PageState.ZERO
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_SYS_CACHESTAT = 451  # x86_64 and the generic table alike (Linux 6.5+)
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
 
 class Residency:
-    """Which pages of a region file the kernel holds, by mincore(2).
+    """Which pages of a region file the kernel holds, by cachestat(2).
 
-    The mapping is made from a worker thread: opening our own file sends
-    LOOKUP and OPEN to this very daemon.  Mapping and mincore never fault.
+    No mapping of our own file: unmapping a FUSE mapping writes the inode
+    back synchronously while holding the mmap lock, which deadlocks a daemon
+    whose loop then needs memory.  The file is opened and closed from a
+    worker thread, since both send requests to this very daemon.
     """
 
-    def __init__(self, path: str, size: int) -> None:
-        self.size = size
+    def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            err = ctypes.get_errno()
+        try:
+            self.cached(0, 1)
+        except OSError:
             os.close(self.fd)
-            raise OSError(err, f"mmap {path}: {os.strerror(err)}")
-        self.addr = addr
+            raise
+
+    def cached(self, offset: int, length: int) -> int:
+        """Pages of [offset, offset+length) in the page cache (any state)."""
+        rng, cs = _Range(offset, length), _CacheStat()
+        if _libc.syscall(_SYS_CACHESTAT, self.fd, ctypes.byref(rng), ctypes.byref(cs), 0):
+            err = ctypes.get_errno()
+            raise OSError(err, f"cachestat: {os.strerror(err)}")
+        return cs.nr_cache
 
     def resident(self, first: int, count: int, page_size: int) -> bytes:
-        vec = ctypes.create_string_buffer(count)
-        if _libc.mincore(self.addr + first * page_size, count * page_size, vec) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return bytes(b & 1 for b in vec.raw)
+        if not self.cached(first * page_size, count * page_size):
+            return bytes(count)
+        return bytes(1 if self.cached((first + k) * page_size, page_size) else 0
+                     for k in range(count))
 
     def close(self) -> None:
         """Call from a worker thread (see the class docstring)."""
-        _libc.munmap(self.addr, self.size)
         os.close(self.fd)
 
 
@@ -102,7 +112,7 @@ class Prefetcher:
             if self.push:
                 path = os.path.join(self.mountpoint or "", region.name)
                 try:
-                    res = await trio.to_thread.run_sync(Residency, path, region.size)
+                    res = await trio.to_thread.run_sync(Residency, path)
                 except OSError as e:
                     log.warning("prefetch: no residency check for %s (%s): not pushing",
                                 region.name, e)
