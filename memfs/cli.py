@@ -256,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--store", metavar="DIR", help="local store directory (default: temporary)")
     m.add_argument("--read-ahead-kb", type=int, metavar="KB", help="bdi read-ahead")
     m.add_argument("--max-read", type=int, metavar="BYTES", help="largest READ the kernel sends")
-    m.add_argument("--bdi-max-ratio", type=int, metavar="PCT", help="bdi max_ratio")
-    m.add_argument("--bdi-strict-limit", type=int, choices=(0, 1), help="bdi strict_limit")
+    m.add_argument("--bdi-max-ratio", type=int, metavar="PCT", default=50,
+                   help="the mount's share of the dirty page limit (50; FUSE's own is 1)")
+    m.add_argument("--bdi-strict-limit", type=int, choices=(0, 1), default=0,
+                   help="1 holds writers to max-ratio strictly (0; FUSE's own is 1)")
     m.add_argument("--retries", type=int, default=3, help="fetch retries before EIO (3)")
     m.add_argument("--no-prefetch", action="store_true",
                    help="no background completion: pages come only on demand")

@@ -73,12 +73,6 @@ class Residency:
             raise OSError(err, f"cachestat: {os.strerror(err)}")
         return cs.nr_cache
 
-    def resident(self, first: int, count: int, page_size: int) -> bytes:
-        if not self.cached(first * page_size, count * page_size):
-            return bytes(count)
-        return bytes(1 if self.cached((first + k) * page_size, page_size) else 0
-                     for k in range(count))
-
     def close(self) -> None:
         """Call from a worker thread (see the class docstring)."""
         os.close(self.fd)
@@ -87,7 +81,7 @@ class Residency:
 class Prefetcher:
     def __init__(self, pages: PageServer, stats: Stats, *, mountpoint: str | None,
                  inode_of: Callable[[str], int], push: bool = True,
-                 rate: float | None = None, batch: int = 1 << 20,
+                 rate: float | None = None, batch: int = 4 << 20, depth: int = 3,
                  trace: Trace | None = None) -> None:
         self.pages = pages
         self.stats = stats
@@ -96,6 +90,7 @@ class Prefetcher:
         self.push = push and mountpoint is not None
         self.rate = rate  # bytes per second, None for unlimited
         self.batch = batch
+        self.depth = depth
         self.trace = trace
         self.done = trio.Event()
         self.finished_at: float | None = None
@@ -155,13 +150,22 @@ class Prefetcher:
             yield sorted(chunk)
 
     async def _region(self, region: Region, res: Residency | None) -> None:
-        ps = region.page_size
-        fetcher = self.pages.fetcher
-        assert fetcher is not None
-        for chunk in self._batches(region):
+        """Batches in flight side by side (a disk idles between one batch's
+        fetch and the next otherwise); one at a time under a rate limit."""
+        slots = trio.Semaphore(1 if self.rate else self.depth)
+        async with trio.open_nursery() as nursery:
+            for chunk in self._batches(region):
+                await slots.acquire()  # released by the batch's own task
+                nursery.start_soon(self._batch, region, res, chunk, slots)
+
+    async def _batch(self, region: Region, res: Residency | None, chunk: list[int],
+                     slots: trio.Semaphore) -> None:
+        try:
+            fetcher = self.pages.fetcher
+            assert fetcher is not None
             chunk = [p for p in chunk if region.states[p] == REMOTE]  # demand may have won
             if not chunk:
-                continue
+                return
             t = time.monotonic()
             try:
                 got = await fetcher.fetch(region, chunk, prefetch=True)
@@ -173,35 +177,57 @@ class Prefetcher:
             if res is not None and kept:
                 await self._push(region, res, kept, got)
             if self.rate:
-                await trio.sleep(max(0.0, len(chunk) * ps / self.rate - (time.monotonic() - t)))
+                spent = time.monotonic() - t
+                await trio.sleep(max(0.0, len(chunk) * region.page_size / self.rate - spent))
+        finally:
+            slots.release()
 
     async def _push(self, region: Region, res: Residency, kept: list[int],
                     got: dict[int, memoryview]) -> None:
         """Push the kept pages, and the zero pages between them (a lone zero
-        page left out would cost the guest a 4 KiB READ of its own)."""
+        page left out would cost the guest a 4 KiB READ of its own).
+
+        Page by page, each checked just before its push: notify_store
+        overwrites whatever the page cache holds, so a page that a READ
+        reached (served) or that the kernel allocated for a read (cached) is
+        skipped.  What remains is the microseconds between that check and
+        the kernel's lookup inside notify_store; a READ landing there is
+        counted as a push race and logged.
+        """
         ps = region.page_size
         served = self.pages.served[region.name]
         states = region.states
         lo, hi = kept[0], kept[-1] + 1
-        resident = res.resident(lo, hi - lo, ps)
-        todo = [p for p in range(lo, hi)
-                if not served[p] and not resident[p - lo]
+        todo = [p for p in range(lo, hi) if not served[p]
                 and (p in got and states[p] == LOCAL or states[p] == ZERO)]
         if not todo:
             return
-        for p in todo:  # a push is serving too: never pushed twice, read by onward capture
-            served[p] = 1
         inode = self.inode_of(region.name)
-        spans = _spans(todo)
         self.pages.pushing[region.name] = (lo, hi)
         try:
-            await trio.to_thread.run_sync(_notify_many, inode, ps, spans, got)
-            self.stats.add("pages_pushed", len(todo))
+            n = await trio.to_thread.run_sync(_push_pages, inode, ps, todo, got, served, res)
+            self.stats.add("pages_pushed", n)
         except OSError as e:
             self.stats.add("push_errors")
             log.warning("prefetch: notify_store failed for %s: %s", region.name, e)
         finally:
             self.pages.pushing.pop(region.name, None)
+
+
+def _push_pages(inode: int, ps: int, pages: list[int], got: dict[int, memoryview],
+                served: bytearray, res: Residency) -> int:
+    """Runs in a worker thread: notify_store may wait for a page lock that a
+    READ holds, and that READ needs the trio loop."""
+    import pyfuse3
+    zero = bytes(ps)
+    n = 0
+    for p in pages:
+        if served[p] or res.cached(p * ps, ps):
+            continue
+        served[p] = 1  # a push serves: never pushed twice, read by an onward capture
+        pyfuse3.notify_store(inode, p * ps, got.get(p, zero))
+        n += 1
+    return n
 
 
 def _identity_order(region: Region) -> bool:
@@ -218,22 +244,3 @@ def _identity_order(region: Region) -> bool:
             return False
         prev = key
     return True
-
-
-def _spans(pages: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((p, 1))
-    return out
-
-
-def _notify_many(inode: int, ps: int, spans: list[tuple[int, int]],
-                 got: dict[int, memoryview]) -> None:
-    import pyfuse3
-    for p0, n in spans:
-        zero = bytes(ps)
-        data = b"".join(got.get(p, zero) for p in range(p0, p0 + n))
-        pyfuse3.notify_store(inode, p0 * ps, data)
