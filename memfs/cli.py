@@ -53,7 +53,7 @@ def cmd_capture(a: argparse.Namespace) -> int:
             raise UsageError("--disk and --index go together")
         referencer = open_referencer(a.disk, a.index, frozen=a.disk_frozen)
     res = trio.run(lambda: capture(parse_ram_args(a.ram), a.volume, a.out, base=a.base,
-                                   referencer=referencer,
+                                   referencer=referencer, view=a.view,
                                    progress=None if not a.no_progress else False))
     if a.json:
         print(json.dumps(res.as_dict(), indent=1))
@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--volume", required=True, metavar="URI", help="migration volume")
     c.add_argument("--out", required=True, metavar="PAGEMAP", help="page map to write")
     c.add_argument("--base", metavar="PAGEMAP", help="previous pass: rewrite changed pages only")
+    c.add_argument("--view", metavar="PAGEMAP",
+                   help="the RAM is a memfs mount's region: its view (written to .memfs/"
+                        "control with 'save PATH'); pages it never served are not read")
     c.add_argument("--disk", metavar="URI", help="a disk whose blocks pages may refer to")
     c.add_argument("--index", metavar="INDEX", help="the index of --disk (memfs index)")
     c.add_argument("--disk-frozen", action="store_true",
