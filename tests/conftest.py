@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +33,24 @@ def ram(tmp_path) -> tuple[str, bytes]:
     """A 4 MiB RAM image (1024 pages) and its bytes."""
     path = str(tmp_path / "vm.ram")
     return path, make_ram(path, 1024)
+
+
+@pytest.fixture(scope="module")
+def guest():
+    """The test guest (tools/mkguest), built once; skipped without QEMU."""
+    from memfs.qemu import qemu_binary
+    from memfs.qemu.guest import build_guest
+    if qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    return build_guest()
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A directory in /dev/shm for guest RAM files, removed afterwards."""
+    d = Path("/dev/shm") / f"memfs-test-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -11,7 +11,7 @@ import trio
 
 from memfs.capture import capture
 from memfs.disks import open_disk
-from memfs.fetcher import Fetcher, FetchError, coalesce
+from memfs.fetcher import Fetcher, coalesce
 from memfs.pagemap import PageMap, PageState, Region
 from memfs.pages import PageIOError, PageServer
 from memfs.stats import Stats

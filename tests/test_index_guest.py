@@ -16,17 +16,14 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from memfs.qemu import VM, file_backend, qemu_binary
-from memfs.qemu.guest import GuestImage, build_guest, expected_work_md5, guest_config, read_sum
+from memfs.qemu import VM, file_backend
+from memfs.qemu.guest import GuestImage, expected_work_md5, guest_config, read_sum
 from memfs.qemu.plain import migrate_and_wait, migrate_incoming, set_capabilities
 from nbdserver import qemu_nbd
 from ramimage import memfs, mounted
@@ -38,25 +35,7 @@ RAM = 256 << 20        # guest RAM
 DISK = 32 << 20        # the guest's disk: random content
 
 
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    if qemu_binary() is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    if not (shutil.which("qemu-nbd") and shutil.which("qemu-img")):
-        pytest.skip("needs qemu-nbd and qemu-img (qemu-utils)")
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("needs root and /dev/fuse")
-    return build_guest()
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path("/dev/shm") / f"memfs-test-{uuid.uuid4().hex[:8]}"
-    d.mkdir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+# the guest and shm fixtures live in conftest.py
 
 
 def disk_args(image: Path) -> list[str]:

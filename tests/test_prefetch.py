@@ -7,7 +7,6 @@ import os
 import time
 
 import pytest
-import trio
 
 from memfs.capture import capture
 from memfs.pagemap import PageMap, PageState, Region

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from memfs.qemu import VM, QMPClosed, QMPError, file_backend, memfd_backend, qemu_binary
-from memfs.qemu.guest import (GuestImage, build_guest, expected_fill_md5, expected_work_md5,
+from memfs.qemu import VM, QMPClosed, QMPError, file_backend, memfd_backend
+from memfs.qemu.guest import (GuestImage, expected_fill_md5, expected_work_md5,
                               guest_config, read_sum)
 from memfs.qemu.plain import migrate_and_wait, migrate_incoming, set_capabilities
 
@@ -27,22 +25,7 @@ FILL = 48           # MiB of known data in the guest
 RAM = 160 << 20     # guest RAM
 
 
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    if qemu_binary() is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    return build_guest()
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A directory in /dev/shm for guest RAM files, removed afterwards."""
-    d = Path("/dev/shm") / f"memfs-test-{uuid.uuid4().hex[:8]}"
-    d.mkdir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+# the guest and shm fixtures live in conftest.py
 
 
 async def test_guest_data_matches_model(guest: GuestImage, shm: Path, tmp_path: Path) -> None:
