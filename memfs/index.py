@@ -60,7 +60,7 @@ import xxhash
 
 from .capture import CaptureError, Progress
 from .disks import Disk, DiskError, open_disk, parse_uri
-from .pagemap import PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageState, checksum
+from .pagemap import PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageState, checksum, get_field
 
 log = logging.getLogger("memfs.index")
 
@@ -182,12 +182,7 @@ class DiskIndex:
 
 
 def _get(doc: dict, key: str, typ: type) -> Any:
-    if key not in doc:
-        raise DiskIndexError(f"missing {key!r}")
-    v = doc[key]
-    if type(v) is not typ:
-        raise DiskIndexError(f"{key!r} should be {typ.__name__}, not {type(v).__name__}")
-    return v
+    return get_field(doc, key, typ, "disk index", DiskIndexError)
 
 
 def _from_doc(doc: Any) -> DiskIndex:

@@ -224,13 +224,19 @@ def _check_geometry(name: Any, size: Any, page_size: Any) -> None:
         raise PageMapError(f"region {name!r}: too many pages")
 
 
-def _field(d: dict, key: str, typ: type, where: str) -> Any:
+def get_field(d: dict, key: str, typ: type, where: str,
+              error: type[Exception] = PageMapError) -> Any:
+    """``d[key]`` of exactly type ``typ``, else ``error`` saying what is wrong
+    (shared by every msgpack format memfs reads)."""
     if key not in d:
-        raise PageMapError(f"{where}: missing {key!r}")
+        raise error(f"{where}: missing {key!r}")
     v = d[key]
     if type(v) is not typ:
-        raise PageMapError(f"{where}: {key!r} should be {typ.__name__}, not {type(v).__name__}")
+        raise error(f"{where}: {key!r} should be {typ.__name__}, not {type(v).__name__}")
     return v
+
+
+
 
 
 def _from_doc(doc: Any) -> PageMap:
@@ -241,13 +247,13 @@ def _from_doc(doc: Any) -> PageMap:
     version = doc.get("version")
     if version != VERSION:
         raise PageMapError(f"unsupported page map version {version!r} (this memfs reads {VERSION})")
-    disks = _field(doc, "disks", list, "page map")
+    disks = get_field(doc, "disks", list, "page map")
     if len(disks) > MAX_DISKS or not all(isinstance(u, str) and u for u in disks):
         raise PageMapError("page map: bad disks table")
     meta = doc.get("meta", {})
     if not isinstance(meta, dict):
         raise PageMapError("page map: 'meta' should be a map")
-    regions_doc = _field(doc, "regions", list, "page map")
+    regions_doc = get_field(doc, "regions", list, "page map")
     if len(regions_doc) > MAX_REGIONS:
         raise PageMapError("page map: too many regions")
     pm = PageMap(disks=list(disks), meta=meta)
@@ -265,16 +271,16 @@ def _from_doc(doc: Any) -> PageMap:
 
 def _region_from_doc(rd: dict, i: int, ndisks: int) -> Region:
     where = f"region #{i}"
-    name = _field(rd, "name", str, where)
-    size = _field(rd, "size", int, where)
-    page_size = _field(rd, "page_size", int, where)
+    name = get_field(rd, "name", str, where)
+    size = get_field(rd, "size", int, where)
+    page_size = get_field(rd, "page_size", int, where)
     _check_geometry(name, size, page_size)
     where = f"region {name!r}"
     n = size // page_size
-    states = _field(rd, "states", bytes, where)
-    disks = _field(rd, "disks", bytes, where)
-    offsets = _field(rd, "offsets", bytes, where)
-    checksums = _field(rd, "checksums", bytes, where)
+    states = get_field(rd, "states", bytes, where)
+    disks = get_field(rd, "disks", bytes, where)
+    offsets = get_field(rd, "offsets", bytes, where)
+    checksums = get_field(rd, "checksums", bytes, where)
     for key, raw, width in (("states", states, 1), ("disks", disks, 1),
                             ("offsets", offsets, 8), ("checksums", checksums, 8)):
         if len(raw) != n * width:
