@@ -236,9 +236,6 @@ def get_field(d: dict, key: str, typ: type, where: str,
     return v
 
 
-
-
-
 def _from_doc(doc: Any) -> PageMap:
     if not isinstance(doc, dict):
         raise PageMapError("not a page map (top level is not a map)")
