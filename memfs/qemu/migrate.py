@@ -16,6 +16,13 @@ If the source RAM is itself served by memfs (a guest that came here the same
 way), every pass first asks that mount for its view (control ``save``): the
 pages it never handed to the kernel are not read, they keep their location.
 
+With ``--disk URI --index INDEX`` (``memfs index``), every capture pass
+refers to the guest's disk for pages whose bytes equal one of its 4 KiB
+blocks (the guest's page cache of that disk) instead of writing them to the
+volume.  The disk must not change while the page map refers to it: freeze it
+first (docs/disk-references.rst), and serve it read-only, or pass
+``--disk-frozen``.  The destination's mount reads those pages from the disk.
+
 If anything fails before the destination runs, the source is resumed.
 """
 
@@ -35,7 +42,8 @@ from typing import Any, Sequence
 import trio
 
 from .. import control
-from ..capture import CaptureError, capture, parse_ram_args
+from ..capture import CaptureError, Referencer, capture, parse_ram_args
+from ..index import aopen_referencer
 from .plain import MigrationWatch, migrate_incoming, set_capabilities
 from .qmp import QMP, QMPError, unwrap_single
 
@@ -65,6 +73,11 @@ class MigrateOptions:
     outgoing_uri: str | None = None
     quit_source: bool = False
     timeout: float = 300.0
+    #: a frozen disk of the guest and its index (memfs index): pages equal to
+    #: one of its blocks are referenced there instead of written to the volume
+    disk: str | None = None
+    index: str | None = None
+    disk_frozen: bool = False
 
 
 @dataclass
@@ -77,6 +90,8 @@ class MigrateReport:
     #: (device state sent, every page on the volume): it may be switched off
     src_free_ms: float = 0.0
     volume_bytes: int = 0
+    #: pages referenced on the disk (--disk/--index) instead of written, all passes
+    pages_referenced: int = 0
     #: bytes in the migration stream: counted on the wire when memfs runs the
     #: socket, else QEMU's own count (query-migrate ram.transferred)
     stream_bytes: int = 0
@@ -102,7 +117,9 @@ class MigrateReport:
                  f" device state {self.device_ms:.1f} ms)",
                  f"total time    {self.total_ms:9.1f} ms",
                  f"source free   {self.src_free_ms:9.1f} ms after the start",
-                 f"volume        {self.volume_bytes / mib:9.1f} MiB written",
+                 f"volume        {self.volume_bytes / mib:9.1f} MiB written"
+                 + (f" ({self.pages_referenced} pages referenced on the disk)"
+                    if self.pages_referenced else ""),
                  f"stream        {self.stream_bytes / mib:9.3f} MiB"
                  + ("" if self.stream_counted else " (QEMU's count)"),
                  f"remote pages  {self.pages_remote_at_resume:9d} of {self.pages_total} at resume"]
@@ -110,7 +127,7 @@ class MigrateReport:
             lines.append(f"  pass {i}{' (final)' if i == len(self.passes) else '        '}: "
                          f"{p['seconds'] * 1000:8.1f} ms, {p['pages_written']} written, "
                          f"{p['pages_unchanged']} unchanged, {p['pages_kept']} kept remote, "
-                         f"{p['pages_zero']} zero")
+                         f"{p.get('pages_referenced', 0)} referenced, {p['pages_zero']} zero")
         return "\n".join(lines)
 
 
@@ -188,6 +205,8 @@ async def migrate(opts: MigrateOptions, src: QMP | None = None,
     a time); otherwise memfs connects to ``opts.source_qmp``/``dest_qmp``."""
     if opts.passes < 0:
         raise MigrateError("--passes must be 0 or more")
+    if (opts.disk is None) != (opts.index is None):
+        raise MigrateError("--disk and --index go together")
     sizes = {}
     for name, path in opts.rams:
         try:
@@ -208,11 +227,19 @@ async def migrate(opts: MigrateOptions, src: QMP | None = None,
             outgoing = outgoing or incoming
             try:
                 async with AsyncExitStack() as stack:
+                    ref = None
+                    if opts.disk is not None and opts.index is not None:
+                        try:
+                            ref = await aopen_referencer(opts.disk, opts.index,
+                                                         opts.disk_frozen)
+                        except CaptureError as e:
+                            raise MigrateError(f"disk references: {e}") from None
+                        stack.push_async_callback(ref.aclose)
                     if src is None:
                         src = await stack.enter_async_context(QMP.connect(opts.source_qmp))
                     if dst is None:
                         dst = await stack.enter_async_context(QMP.connect(opts.dest_qmp))
-                    await _run(opts, rep, src, dst, src_mount, incoming, outgoing, tmp)
+                    await _run(opts, rep, src, dst, src_mount, incoming, outgoing, tmp, ref)
             except QMPError as e:
                 raise MigrateError(str(e)) from None
             if counter is not None:
@@ -222,7 +249,8 @@ async def migrate(opts: MigrateOptions, src: QMP | None = None,
 
 
 async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
-               src_mount: str | None, incoming: str, outgoing: str, tmp: str) -> None:
+               src_mount: str | None, incoming: str, outgoing: str, tmp: str,
+               ref: Referencer | None = None) -> None:
     status = (await dst.execute("query-status"))["status"]
     if status != "inmigrate":
         raise MigrateError(f"the destination QEMU is {status!r}, not waiting for a "
@@ -250,14 +278,15 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
         out = opts.pagemap if i == opts.passes else os.path.join(tmp, f"pass{i}.pagemap")
         try:
             res = await capture(opts.rams, opts.volume, out, base=base, view=view,
-                                progress=False)
+                                progress=False, referencer=ref)
         except CaptureError as e:
             raise MigrateError(f"capture pass {i + 1}: {e}") from None
         rep.passes.append(res.as_dict())
         rep.volume_bytes += res.bytes_written
-        log.info("pass %d%s: %.2fs, %d pages written, %d unchanged, %d kept remote",
-                 i + 1, " (final)" if i == opts.passes else "", res.seconds,
-                 res.pages_written, res.pages_unchanged, res.pages_kept)
+        rep.pages_referenced += res.pages_referenced
+        log.info("pass %d%s: %.2fs, %d pages written, %d unchanged, %d kept remote, "
+                 "%d referenced", i + 1, " (final)" if i == opts.passes else "", res.seconds,
+                 res.pages_written, res.pages_unchanged, res.pages_kept, res.pages_referenced)
         base = out
 
     for i in range(opts.passes):
@@ -324,7 +353,11 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         pagemap=os.path.abspath(a.pagemap), dest_qmp=a.dest_qmp,
         dest_mount=os.path.abspath(a.dest_mount), passes=a.passes,
         incoming_uri=a.migrate_uri, outgoing_uri=a.source_uri, quit_source=a.quit_source,
-        timeout=a.timeout)
+        timeout=a.timeout, disk=a.disk,
+        index=os.path.abspath(a.index) if a.index else None, disk_frozen=a.disk_frozen)
+    if (opts.disk is None) != (opts.index is None):
+        print("memfs: migrate: --disk and --index go together", file=sys.stderr)
+        return 2
     try:
         rep = trio.run(migrate, opts)
     except (MigrateError, QMPError, OSError, trio.TooSlowError) as e:
@@ -361,5 +394,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="quit the source QEMU once the destination runs")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="seconds for the device-state migration (300)")
+    p.add_argument("--disk", metavar="URI",
+                   help="the guest's disk, frozen (a path or nbd:// URI, e.g. a qemu-nbd "
+                   "--read-only export of a qcow2 snapshot base): pages equal to one of its "
+                   "blocks are referenced there, not written to the volume (needs --index)")
+    p.add_argument("--index", metavar="INDEX", help="the disk's index (memfs index)")
+    p.add_argument("--disk-frozen", action="store_true",
+                   help="the disk will not change while the page map refers to it, though "
+                   "it is not read-only")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_migrate)
