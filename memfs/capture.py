@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import trio
 
 from .disks import Disk, DiskError, open_disk
+from .trace import pack_pages
 from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState, Region,
                       checksum)
 
@@ -64,13 +65,17 @@ class CaptureResult:
     regions: dict[str, int] = field(default_factory=dict)
     #: pages written by this pass that a base pass had with other content
     hot_pages: int = 0
+    #: region -> pages rewritten since the base pass (the prefetcher takes them first)
+    hot: dict[str, list[int]] = field(default_factory=dict, repr=False)
     #: pages not read: still remote in the mount view, they keep their location
     pages_kept: int = 0
     #: pages read from the RAM files
     pages_read: int = 0
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("hot")
+        return d
 
 
 def layout(sizes: Sequence[int]) -> list[int]:
@@ -170,6 +175,8 @@ async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
         await volume.flush()
     pm.meta = {"created": time.time(), "pass": (base_pm.meta.get("pass", 1) + 1) if base_pm
                else 1, "volume": volume_uri}
+    if result.hot:  # pages the guest is busy with: worth fetching first
+        pm.meta["hot"] = {name: pack_pages(pages) for name, pages in result.hot.items()}
     await trio.to_thread.run_sync(pm.save, out)
     result.seconds = round(time.monotonic() - t0, 3)
     return result
@@ -432,4 +439,5 @@ async def _capture_chunk(region: Region, first: int, view: memoryview, volume: D
         result.pages_written += 1
         if old is not None and old.states[p] != PageState.ZERO:
             result.hot_pages += 1
+            result.hot.setdefault(region.name, []).append(p)
     await flush(npages)

@@ -226,6 +226,12 @@ class Daemon:
         if self.opts.prefetch_trace:
             trace = await trio.to_thread.run_sync(Trace.load, self.opts.prefetch_trace)
         await self._inited.wait()
+        await self.pages.installed.wait()
+        assert self.pages.pagemap is not None
+        trace = trace or Trace()
+        hot = trace.extend_from_meta(self.pages.pagemap.meta)
+        if hot:
+            log.info("prefetch: %d pages changed between capture passes go first", hot)
         self.prefetcher = Prefetcher(
             self.pages, self.stats, mountpoint=mp, inode_of=self.fs.region_inode.__getitem__,
             push=self.opts.push, rate=self.opts.prefetch_rate, trace=trace)

@@ -22,6 +22,24 @@ class TraceError(Exception):
     """A trace file is unreadable or malformed."""
 
 
+def pack_pages(pages: "list[int] | array") -> bytes:
+    """Page indexes as little-endian uint32s (traces, hot pages in page maps)."""
+    a = array("I", pages)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_pages(raw: bytes) -> array:
+    if len(raw) % 4:
+        raise TraceError("page list length is not a multiple of 4")
+    a = array("I")
+    a.frombytes(raw)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
 class Trace:
     """Per region, page indexes in first-demand order (each at most once)."""
 
@@ -30,11 +48,14 @@ class Trace:
         self._seen: dict[str, bytearray] = {}
 
     def record(self, region: str, npages: int, pages: list[int]) -> None:
+        out = self.order.setdefault(region, array("I"))
         seen = self._seen.get(region)
-        if seen is None:
-            seen = self._seen[region] = bytearray(npages)
-            self.order[region] = array("I")
-        out = self.order[region]
+        if seen is None:  # a loaded trace: what it holds counts as seen
+            seen = self._seen[region] = bytearray(max(npages, max(out, default=-1) + 1))
+            for p in out:
+                seen[p] = 1
+        if pages and max(pages) >= len(seen):
+            seen.extend(bytes(max(pages) + 1 - len(seen)))
         for p in pages:
             if not seen[p]:
                 seen[p] = 1
@@ -44,14 +65,7 @@ class Trace:
         return sum(len(a) for a in self.order.values())
 
     def dumps(self) -> bytes:
-        regions = {}
-        for name, a in self.order.items():
-            b = array("I", a)
-            if b.itemsize != 4:
-                raise TraceError("this platform has no 4-byte unsigned int array")
-            if sys.byteorder != "little":
-                b.byteswap()
-            regions[name] = b.tobytes()
+        regions = {name: pack_pages(a) for name, a in self.order.items()}
         return msgpack.packb({"magic": MAGIC, "version": VERSION, "regions": regions},
                              use_bin_type=True)
 
@@ -78,12 +92,20 @@ class Trace:
         for name, raw in regions.items():
             if not isinstance(name, str) or not isinstance(raw, bytes) or len(raw) % 4:
                 raise TraceError(f"trace: bad entry for region {name!r}")
-            a = array("I")
-            a.frombytes(raw)
-            if sys.byteorder != "little":
-                a.byteswap()
-            t.order[name] = a
+            t.order[name] = unpack_pages(raw)
         return t
+
+    def extend_from_meta(self, meta: dict) -> int:
+        """Append a page map's hot pages (capture: changed between passes)
+        after what the trace already orders; returns how many were added."""
+        hot = meta.get("hot")
+        if not isinstance(hot, dict):
+            return 0
+        before = len(self)
+        for name, raw in hot.items():
+            if isinstance(name, str) and isinstance(raw, bytes) and not len(raw) % 4:
+                self.record(name, 0, list(unpack_pages(raw)))
+        return len(self) - before
 
     @classmethod
     def load(cls, path: str) -> "Trace":

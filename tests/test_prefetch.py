@@ -133,3 +133,22 @@ def test_trace_is_written_at_unmount_and_replayed(tmp_path, ram) -> None:
     bad.write_bytes(b"nonsense")
     res = memfs("mount", pm, mnt, "--prefetch-trace", str(bad), check=False)
     assert res.returncode == 1 and "not a trace" in res.stderr
+
+
+async def test_hot_pages_from_capture_go_first(tmp_path, ram) -> None:
+    path, _ = ram
+    vol, pm1, pm2 = str(tmp_path / "vol"), str(tmp_path / "pm1"), str(tmp_path / "pm2")
+    await capture([("ram0", path)], vol, pm1, progress=False)
+    with open(path, "r+b") as f:
+        for p in (601, 2, 900):
+            f.seek(p * PS)
+            f.write(b"busy")
+    await capture([("ram0", path)], vol, pm2, base=pm1, progress=False)
+    pm = PageMap.load(pm2)
+    t = Trace()
+    t.record("ram0", 1024, [900])  # an earlier mount's trace comes before hot pages
+    assert t.extend_from_meta(pm.meta) == 2
+    assert list(t.order["ram0"]) == [900, 2, 601]
+    loaded = Trace.loads(t.dumps())
+    loaded.record("ram0", 1024, [5, 2])  # a loaded trace keeps its order
+    assert list(loaded.order["ram0"]) == [900, 2, 601, 5]
