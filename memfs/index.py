@@ -60,7 +60,8 @@ import xxhash
 
 from .capture import CaptureError, Progress
 from .disks import Disk, DiskError, open_disk, parse_uri
-from .pagemap import PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageState, checksum, get_field
+from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageState, checksum, get_field,
+                      u64_array, u64_bytes)
 
 log = logging.getLogger("memfs.index")
 
@@ -71,7 +72,6 @@ CHUNK = 1 << 20                 # the coarse fingerprint granule
 READ = 8 << 20                  # largest single read while indexing
 MAX_DISK = 1 << 60
 
-_LITTLE = sys.byteorder == "little"
 _ZERO_CHUNK = bytes(CHUNK)
 
 
@@ -80,22 +80,6 @@ class DiskIndexError(Exception):
 
 
 # -- packed arrays -------------------------------------------------------------
-
-def _u64(raw: bytes = b"") -> array:
-    a = array("Q")
-    a.frombytes(raw)
-    if not _LITTLE:
-        a.byteswap()
-    return a
-
-
-def _le(a: array) -> bytes:
-    if _LITTLE:
-        return a.tobytes()
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
-
 
 def _chunk_hash(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
@@ -109,9 +93,9 @@ class DiskIndex:
 
     disk: str
     size: int
-    hashes: array = field(default_factory=_u64)
-    blocks: array = field(default_factory=_u64)
-    chunks: array = field(default_factory=_u64)
+    hashes: array = field(default_factory=u64_array)
+    blocks: array = field(default_factory=u64_array)
+    chunks: array = field(default_factory=u64_array)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -146,8 +130,8 @@ class DiskIndex:
         return msgpack.packb({
             "magic": MAGIC, "version": VERSION, "disk": self.disk, "size": self.size,
             "block_size": BLOCK, "chunk_size": CHUNK, "meta": self.meta,
-            "hashes": _le(self.hashes), "blocks": _le(self.blocks),
-            "chunks": _le(self.chunks)}, use_bin_type=True)
+            "hashes": u64_bytes(self.hashes), "blocks": u64_bytes(self.blocks),
+            "chunks": u64_bytes(self.chunks)}, use_bin_type=True)
 
     @classmethod
     def loads(cls, data: bytes) -> "DiskIndex":
@@ -215,12 +199,12 @@ def _from_doc(doc: Any) -> DiskIndex:
     nblocks = size // BLOCK
     if len(hashes) // 8 > nblocks:
         raise DiskIndexError(f"{len(hashes) // 8} entries for a disk of {nblocks} blocks")
-    h, b = _u64(hashes), _u64(blocks)
+    h, b = u64_array(hashes), u64_array(blocks)
     if b and max(b) >= nblocks:
         raise DiskIndexError(f"block number {max(b)} is beyond the disk ({nblocks} blocks)")
     if not all(map(operator.lt, h, islice(h, 1, None))):
         raise DiskIndexError("'hashes' are not sorted and distinct")
-    return DiskIndex(disk, size, h, b, _u64(chunks), meta)
+    return DiskIndex(disk, size, h, b, u64_array(chunks), meta)
 
 
 # -- building ------------------------------------------------------------------
@@ -310,7 +294,7 @@ async def build_index(disk_uri: str, *, base: DiskIndex | None = None,
         else:
             res.mode = "fingerprint" if base is not None else "full"
             to_read = list(range(nchunks))
-        chunks = array("Q", base.chunks) if base is not None else _u64(bytes(8 * nchunks))
+        chunks = array("Q", base.chunks) if base is not None else u64_array(bytes(8 * nchunks))
         rehash: set[int] = set(to_read) if base is None or changed is not None else set()
         entries: dict[int, int] = {}
         new: dict[int, int] = {}

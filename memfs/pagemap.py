@@ -46,7 +46,8 @@ def checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def _u64(raw: bytes = b"") -> array:
+def u64_array(raw: bytes = b"") -> array:
+    """Little-endian uint64s on disk -> a native array (page maps, indexes)."""
     a = array("Q")
     a.frombytes(raw)
     if not _LITTLE:
@@ -54,7 +55,8 @@ def _u64(raw: bytes = b"") -> array:
     return a
 
 
-def _u64_bytes(a: array) -> bytes:
+def u64_bytes(a: array) -> bytes:
+    """A native uint64 array -> little-endian bytes."""
     if _LITTLE:
         return a.tobytes()
     b = array("Q", a)
@@ -71,16 +73,16 @@ class Region:
     page_size: int = PAGE_SIZE
     states: bytearray = field(default_factory=bytearray)
     disks: bytearray = field(default_factory=bytearray)
-    offsets: array = field(default_factory=_u64)
-    checksums: array = field(default_factory=_u64)
+    offsets: array = field(default_factory=u64_array)
+    checksums: array = field(default_factory=u64_array)
 
     @classmethod
     def empty(cls, name: str, size: int, page_size: int = PAGE_SIZE) -> "Region":
         """A region whose pages are all zero pages."""
         _check_geometry(name, size, page_size)
         n = size // page_size
-        r = cls(name, size, page_size, bytearray(n), bytearray(n), _u64(bytes(8 * n)),
-                _u64(bytes(8 * n)))
+        r = cls(name, size, page_size, bytearray(n), bytearray(n), u64_array(bytes(8 * n)),
+                u64_array(bytes(8 * n)))
         if n:
             r.checksums[0] = ZERO_CHECKSUM
             # Fill by doubling: much faster than a Python loop for 16 Mi pages.
@@ -166,9 +168,9 @@ class PageMap:
             yield pk.pack("name") + pk.pack(r.name) + pk.pack("size") + pk.pack(r.size)
             yield pk.pack("page_size") + pk.pack(r.page_size)
             for key, buf in (("states", memoryview(r.states)), ("disks", memoryview(r.disks)),
-                             ("offsets", memoryview(_u64_bytes(r.offsets)) if not _LITTLE
+                             ("offsets", memoryview(u64_bytes(r.offsets)) if not _LITTLE
                               else memoryview(r.offsets).cast("B")),
-                             ("checksums", memoryview(_u64_bytes(r.checksums)) if not _LITTLE
+                             ("checksums", memoryview(u64_bytes(r.checksums)) if not _LITTLE
                               else memoryview(r.checksums).cast("B"))):
                 yield pk.pack(key) + b"\xc6" + len(buf).to_bytes(4, "big")
                 yield buf
@@ -291,4 +293,4 @@ def _region_from_doc(rd: dict, i: int, ndisks: int) -> Region:
         if disks.translate(None, bytes(range(ndisks))):
             raise PageMapError(f"{where}: disk index out of range (have {ndisks} disks)")
     return Region(name, size, page_size, bytearray(states), bytearray(disks),
-                  _u64(offsets), _u64(checksums))
+                  u64_array(offsets), u64_array(checksums))

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +24,7 @@ import trio
 from memfs import control
 from memfs.pagemap import PageMap, PageState
 from memfs.qemu import VM, file_backend, qemu_binary
-from memfs.qemu.guest import (GuestImage, GuestSum, build_guest, expected_fill_md5,
+from memfs.qemu.guest import (GuestImage, GuestSum, expected_fill_md5,
                               expected_work_md5, guest_config, read_sum)
 from memfs.qemu.migrate import MigrateOptions, MigrateReport, migrate
 
@@ -37,21 +35,7 @@ RAM = 128 << 20       # guest RAM
 MIB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    if qemu_binary() is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    return build_guest()
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path("/dev/shm") / f"memfs-test-{uuid.uuid4().hex[:8]}"
-    d.mkdir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+# the guest and shm fixtures live in conftest.py
 
 
 #: the mount daemon, in front, with MountOptions a test chooses (the CLI has
