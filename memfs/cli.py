@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import trio
 
-from . import __version__
+from . import __version__, control
 from .capture import CaptureError, capture, parse_ram_args
 from .daemon import Daemon, MountError, MountOptions, check_mountpoint
 from .disks import DiskError
@@ -163,17 +163,21 @@ def _meta(mountpoint: str, name: str) -> str:
 def cmd_load(a: argparse.Namespace) -> int:
     PageMap.load(a.pagemap)  # a clear error here rather than a bare EINVAL later
     try:
-        with open(_meta(a.mountpoint, "control"), "w") as f:
-            f.write(f"load {os.path.abspath(a.pagemap)}\n")
-    except OSError as e:
-        try:
-            with open(_meta(a.mountpoint, "last_error")) as f:
-                why = f.read().strip()
-        except OSError:
-            why = e.strerror or str(e)
-        print(f"memfs: load failed: {why}", file=sys.stderr)
+        control.load(a.mountpoint, os.path.abspath(a.pagemap))
+    except control.ControlError as e:
+        print(f"memfs: load failed: {e}", file=sys.stderr)
         return 1
     print(f"memfs: page map {a.pagemap} installed on {a.mountpoint}")
+    return 0
+
+
+def cmd_save(a: argparse.Namespace) -> int:
+    try:
+        control.save(a.mountpoint, os.path.abspath(a.out))
+    except control.ControlError as e:
+        print(f"memfs: save failed: {e}", file=sys.stderr)
+        return 1
+    print(f"memfs: the view of {a.mountpoint} is in {a.out} (capture --view {a.out})")
     return 0
 
 
@@ -281,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("mountpoint")
     lo.add_argument("pagemap")
     lo.set_defaults(func=cmd_load)
+
+    sv = sub.add_parser("save", help="write a mount's view, for an onward capture --view")
+    sv.add_argument("mountpoint")
+    sv.add_argument("out", metavar="PAGEMAP")
+    sv.set_defaults(func=cmd_save)
 
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
     u.add_argument("mountpoint")

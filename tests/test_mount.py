@@ -197,3 +197,29 @@ def test_corrupt_page_map_is_refused(tmp_path) -> None:
     os.mkdir(tmp_path / "mnt")
     res = memfs("mount", str(pm), str(tmp_path / "mnt"), check=False)
     assert res.returncode == 1 and "not a msgpack page map" in res.stderr
+
+
+def test_onward_capture_by_hand_reads_only_served_pages(tmp_path, ram) -> None:
+    path, data = ram
+    pm = str(tmp_path / "pm")
+    memfs("capture", "--ram", path, "--volume", str(tmp_path / "vol"), "--out", pm)
+    mnt = str(tmp_path / "mnt")
+    with mounted(pm, mnt, "--no-prefetch", "--read-ahead-kb", "0"):
+        fd = os.open(os.path.join(mnt, "ram0"), os.O_RDWR)
+        os.pwrite(fd, b"new", 3 * PS)
+        assert os.pread(fd, PS, 9 * PS) == data[9 * PS:10 * PS]
+        os.close(fd)
+        view = str(tmp_path / "view")
+        assert "capture --view" in memfs("save", mnt, view).stdout
+        res = memfs("capture", "--ram", os.path.join(mnt, "ram0"), "--view", view,
+                    "--volume", str(tmp_path / "vol2"), "--out", str(tmp_path / "pm2"),
+                    "--json")
+        assert read_stat(mnt, "pages_remote") > 0  # the capture fetched nothing more
+    out = json.loads(res.stdout)
+    assert out["pages_read"] == 2, out
+    onward = PageMap.load(tmp_path / "pm2").region("ram0")
+    first = PageMap.load(pm).region("ram0")
+    p = 100
+    assert first.states[p] == PageState.REMOTE
+    assert onward.offsets[p] == first.offsets[p]  # never read, still where it was
+    assert PageMap.load(tmp_path / "pm2").disks[onward.disks[p]] == str(tmp_path / "vol")
