@@ -158,3 +158,19 @@ def test_coalesce_bridges_small_gaps_on_disk() -> None:
     runs = coalesce(r, [0, 1, 3, 9], max_bytes=1 << 20, max_gap=2 * PS)
     assert [(x.offset, x.length, x.pages) for x in runs] == [
         (0, 4 * PS, ((0, 0), (1, PS), (3, 3 * PS))), (9 * PS, PS, ((9, 0),))]
+
+
+def test_nowait_pread_serves_cached_bytes_and_declines_the_rest(tmp_path) -> None:
+    from memfs.disks.file import _NOWAIT_MAX, nowait_pread
+    path = tmp_path / "f"
+    data = os.urandom(3 * PS)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, len(data), 0)  # now in the page cache
+        got = nowait_pread(fd, PS, PS)
+        assert got is None or got == data[PS:2 * PS]  # None only if evicted meanwhile
+        assert nowait_pread(fd, 2 * PS, 2 * PS) is None  # past the end: a short read
+        assert nowait_pread(fd, 0, _NOWAIT_MAX + PS) is None  # large: a thread's job
+    finally:
+        os.close(fd)

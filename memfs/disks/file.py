@@ -13,6 +13,26 @@ import trio
 from .base import Disk, DiskError, DiskURI
 
 
+_NOWAIT_MAX = 256 << 10  # larger reads go to a thread even when cached
+
+
+def nowait_pread(fd: int, offset: int, length: int) -> bytes | None:
+    """The bytes if the page cache holds all of them, else None.
+
+    A thread hand-off costs more than a cached pread here (about 120 µs
+    against a few µs), so a read that cannot block is done on the loop;
+    RWF_NOWAIT makes the kernel say EAGAIN instead of going to the disk.
+    """
+    if length > _NOWAIT_MAX or not hasattr(os, "RWF_NOWAIT"):
+        return None
+    buf = bytearray(length)
+    try:
+        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except OSError:  # EAGAIN, or EOPNOTSUPP on filesystems without it
+        return None
+    return bytes(buf) if n == length else None
+
+
 class FileDisk(Disk):
     def __init__(self, uri: str, fd: int, size: int, writable: bool) -> None:
         self.uri = uri
@@ -59,6 +79,9 @@ class FileDisk(Disk):
         if offset < 0 or length < 0 or offset + length > self.size:
             raise DiskError(f"{self.uri}: read of {length} bytes at {offset} is beyond "
                             f"the end ({self.size} bytes)")
+        data = nowait_pread(self._fd, offset, length)
+        if data is not None:
+            return data
         try:
             async with self._limiter:
                 return await trio.to_thread.run_sync(self._pread, offset, length)
