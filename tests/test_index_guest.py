@@ -23,7 +23,8 @@ import pytest
 import trio
 
 from memfs.qemu import VM, file_backend
-from memfs.qemu.guest import GuestImage, expected_work_md5, guest_config, read_sum
+from memfs.qemu.guest import (GuestImage, GuestSum, expected_work_md5, guest_config,
+                              read_sum)
 from memfs.qemu.plain import migrate_and_wait, migrate_incoming, set_capabilities
 from nbdserver import qemu_nbd
 from ramimage import memfs, mounted
@@ -55,6 +56,23 @@ def make_disk(tmp: Path) -> tuple[Path, str]:
     return image, md5
 
 
+async def read_disk_then_freeze(src: VM, image: Path, disk_md5: str, overlay: Path,
+                                 readdisk_timeout: float = 120) -> GuestSum:
+    """The guest reads its whole disk (into its page cache), its checksums
+    are taken, then the disk is frozen: the image becomes a read-only base
+    and the overlay takes the guest's writes from now on."""
+    await src.console.expect(r"^READY", 60)
+    m = await src.console.command("readdisk", r"^(READDISK /dev/vda md5=(\w+)|ERR.*)",
+                                  timeout=readdisk_timeout)
+    assert m.group(2) == disk_md5, m.group(0)
+    before = await read_sum(src.console, "before")
+    await src.qmp.execute("blockdev-snapshot-sync", {
+        "node-name": "disk0", "snapshot-file": str(overlay),
+        "snapshot-node-name": "overlay0", "format": "qcow2"})
+    os.chmod(image, 0o444)
+    return before
+
+
 def capture_json(*args: str) -> dict:
     return json.loads(memfs("capture", "--json", "--no-progress", *args).stdout)
 
@@ -68,18 +86,7 @@ async def test_capture_references_guest_disk(guest: GuestImage, shm: Path,
     src_cfg.extra_args += disk_args(image)
     with trio.fail_after(240):
         async with VM.start(src_cfg, tmp_path) as src:
-            await src.console.expect(r"^READY", 60)
-            m = await src.console.command("readdisk", r"^(READDISK /dev/vda md5=(\w+)|ERR.*)",
-                                          timeout=120)
-            assert m.group(2) == disk_md5, m.group(0)
-            before = await read_sum(src.console, "before")
-
-            # Freeze the disk: the image becomes a read-only base, the overlay
-            # takes the guest's writes from now on.
-            await src.qmp.execute("blockdev-snapshot-sync", {
-                "node-name": "disk0", "snapshot-file": str(overlay),
-                "snapshot-node-name": "overlay0", "format": "qcow2"})
-            os.chmod(image, 0o444)
+            before = await read_disk_then_freeze(src, image, disk_md5, overlay)
             with qemu_nbd(str(image), "qcow2", read_only=True) as srv:
                 idx = str(tmp_path / "disk.idx")
                 out = memfs("index", srv.uri, "--out", idx, "--no-progress").stdout

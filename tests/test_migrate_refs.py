@@ -13,7 +13,6 @@ guest's checksums (RAM data, and the disk read back) equal those before.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from memfs.qemu.guest import GuestImage, expected_work_md5, guest_config, read_s
 from memfs.qemu.migrate import MigrateOptions, migrate
 from nbdserver import qemu_nbd
 from ramimage import memfs
-from test_index_guest import disk_args, make_disk
+from test_index_guest import disk_args, make_disk, read_disk_then_freeze
 from test_migrate import waiting_mount
 
 pytestmark = [pytest.mark.qemu, pytest.mark.nbd, pytest.mark.mount]
@@ -54,16 +53,7 @@ async def test_migrate_with_disk_references(guest: GuestImage, shm: Path,
     src_cfg.extra_args += disk_args(image)
     with waiting_mount(tmp_path / "m", size=RAM) as mnt, trio.fail_after(150):
         async with VM.start(src_cfg, tmp_path) as src:
-            await src.console.expect(r"^READY", 60)
-            m = await src.console.command("readdisk", r"^(READDISK /dev/vda md5=(\w+)|ERR.*)",
-                                          timeout=90)
-            assert m.group(2) == disk_md5, m.group(0)
-            before = await read_sum(src.console, "before")
-
-            await src.qmp.execute("blockdev-snapshot-sync", {
-                "node-name": "disk0", "snapshot-file": str(overlay),
-                "snapshot-node-name": "overlay0", "format": "qcow2"})
-            os.chmod(image, 0o444)
+            before = await read_disk_then_freeze(src, image, disk_md5, overlay, 90)
             with qemu_nbd(str(image), "qcow2", read_only=True) as srv:
                 idx = str(tmp_path / "disk.idx")
                 memfs("index", srv.uri, "--out", idx, "--no-progress")
