@@ -156,27 +156,15 @@ def _daemonize(opts: MountOptions, a: argparse.Namespace) -> int:
 
 # -- load / umount / stats ---------------------------------------------------------
 
-def _meta(mountpoint: str, name: str) -> str:
-    return os.path.join(mountpoint, ".memfs", name)
-
-
 def cmd_load(a: argparse.Namespace) -> int:
     PageMap.load(a.pagemap)  # a clear error here rather than a bare EINVAL later
-    try:
-        control.load(a.mountpoint, os.path.abspath(a.pagemap))
-    except control.ControlError as e:
-        print(f"memfs: load failed: {e}", file=sys.stderr)
-        return 1
+    control.load(a.mountpoint, os.path.abspath(a.pagemap))
     print(f"memfs: page map {a.pagemap} installed on {a.mountpoint}")
     return 0
 
 
 def cmd_save(a: argparse.Namespace) -> int:
-    try:
-        control.save(a.mountpoint, os.path.abspath(a.out))
-    except control.ControlError as e:
-        print(f"memfs: save failed: {e}", file=sys.stderr)
-        return 1
+    control.save(a.mountpoint, os.path.abspath(a.out))
     print(f"memfs: the view of {a.mountpoint} is in {a.out} (capture --view {a.out})")
     return 0
 
@@ -184,7 +172,7 @@ def cmd_save(a: argparse.Namespace) -> int:
 def cmd_umount(a: argparse.Namespace) -> int:
     mp = os.path.abspath(a.mountpoint)
     try:
-        with open(_meta(mp, "pid")) as f:
+        with open(control.meta_path(mp, "pid")) as f:
             pid = int(f.read())
     except (OSError, ValueError):
         print(f"memfs: {mp} is not a memfs mount", file=sys.stderr)
@@ -205,15 +193,12 @@ def cmd_umount(a: argparse.Namespace) -> int:
     return 1
 
 
-def read_stats(mountpoint: str) -> dict:
-    with open(_meta(mountpoint, "stats.json")) as f:
-        return json.load(f)
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
     while True:
         try:
-            snap = read_stats(a.mountpoint)
+            snap = control.read_stats(a.mountpoint)
         except OSError as e:
             print(f"memfs: cannot read stats of {a.mountpoint}: {e.strerror}", file=sys.stderr)
             return 1
@@ -332,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(a.debug)
     try:
         return a.func(a)
-    except (UsageError, MountError, PageMapError, CaptureError, DiskError, TraceError) as e:
+    except (UsageError, MountError, PageMapError, CaptureError, DiskError, TraceError,
+            control.ControlError) as e:
         print(f"memfs: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
