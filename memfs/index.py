@@ -60,7 +60,7 @@ import xxhash
 
 from .capture import CaptureError, Progress
 from .disks import Disk, DiskError, open_disk, parse_uri
-from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageState, checksum, get_field,
+from .pagemap import (PAGE_SIZE, atomic_write, ZERO_CHECKSUM, PageMap, PageState, checksum, get_field,
                       u64_array, u64_bytes)
 
 log = logging.getLogger("memfs.index")
@@ -142,14 +142,7 @@ class DiskIndex:
         return _from_doc(doc)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a crash leaves the old index or the new one."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(self.dumps())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, [self.dumps()])
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "DiskIndex":

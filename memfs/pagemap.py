@@ -12,7 +12,7 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import msgpack
 import xxhash
@@ -39,6 +39,19 @@ class PageState(IntEnum):
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_CHECKSUM = xxhash.xxh3_64_intdigest(ZERO_PAGE)
+
+
+def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> None:
+    """Write a file so that a crash leaves the old one or the new one, never a
+    torn one (page maps, disk indexes, traces)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -187,15 +200,7 @@ class PageMap:
         return _from_doc(doc)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a crash leaves the old map or the new one."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            for chunk in self._chunks():
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, self._chunks())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PageMap":

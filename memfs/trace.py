@@ -7,11 +7,12 @@ Stored as msgpack with packed uint32 page arrays, validated like page maps.
 
 from __future__ import annotations
 
-import os
 import sys
 from array import array
 
 import msgpack
+
+from .pagemap import atomic_write
 
 MAGIC = "memfs-trace"
 VERSION = 1
@@ -70,10 +71,7 @@ class Trace:
                              use_bin_type=True)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(self.dumps())
-        os.replace(tmp, path)
+        atomic_write(path, [self.dumps()])
 
     @classmethod
     def loads(cls, data: bytes) -> "Trace":
