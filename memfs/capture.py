@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import trio
 
 from .disks import Disk, DiskError, open_disk
+from .fileio import pread_into
 from .trace import pack_pages
 from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState, Region,
                       checksum)
@@ -300,12 +301,9 @@ def _pread_ranges(fd: int, ranges: list[tuple[int, int]], buf: memoryview) -> No
 
 
 def _pread_full(fd: int, off: int, into: memoryview) -> None:
-    done = 0
-    while done < len(into):
-        got = os.preadv(fd, [into[done:]], off + done)
-        if not got:
-            raise CaptureError(f"RAM file ended early at {off + done}")
-        done += got
+    done = pread_into(fd, off, into)
+    if done != len(into):
+        raise CaptureError(f"RAM file ended early at {off + done}")
 
 
 async def _capture_region(path: str, region: Region, volume: Disk, vol_index: int,

@@ -13,7 +13,7 @@ import tempfile
 
 import trio
 
-from .disks.file import nowait_pread
+from .fileio import nowait_pread, pread_into, pwrite_all
 
 
 class LocalStore:
@@ -39,23 +39,14 @@ class LocalStore:
         """Create the region's (empty, sparse) page file."""
         os.ftruncate(self._fd(region), size)
 
-    def _pwrite(self, fd: int, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-
     def _pread(self, fd: int, offset: int, length: int) -> bytes:
-        data = os.pread(fd, length, offset)
-        while len(data) < length:
-            more = os.pread(fd, length - len(data), offset + len(data))
-            if not more:
-                raise OSError(f"local store short read at {offset}")
-            data += more
-        return data
+        buf = bytearray(length)
+        if pread_into(fd, offset, memoryview(buf)) != length:
+            raise OSError(f"local store short read at {offset}")
+        return bytes(buf)
 
     async def write(self, region: str, offset: int, data: bytes | memoryview) -> None:
-        await trio.to_thread.run_sync(self._pwrite, self._fd(region), offset, data)
+        await trio.to_thread.run_sync(pwrite_all, self._fd(region), offset, data)
 
     async def write_many(self, region: str,
                          items: list[tuple[int, bytes | memoryview]]) -> None:
@@ -64,7 +55,7 @@ class LocalStore:
 
         def work() -> None:
             for offset, data in items:
-                self._pwrite(fd, offset, data)
+                pwrite_all(fd, offset, data)
         await trio.to_thread.run_sync(work)
 
     async def read(self, region: str, offset: int, length: int) -> bytes:

@@ -161,7 +161,7 @@ def test_coalesce_bridges_small_gaps_on_disk() -> None:
 
 
 def test_nowait_pread_serves_cached_bytes_and_declines_the_rest(tmp_path) -> None:
-    from memfs.disks.file import _NOWAIT_MAX, nowait_pread
+    from memfs.fileio import _NOWAIT_MAX, nowait_pread
     path = tmp_path / "f"
     data = os.urandom(3 * PS)
     path.write_bytes(data)

@@ -10,27 +10,8 @@ import os
 
 import trio
 
+from ..fileio import nowait_pread, pread_into, pwrite_all
 from .base import Disk, DiskError, DiskURI
-
-
-_NOWAIT_MAX = 256 << 10  # larger reads go to a thread even when cached
-
-
-def nowait_pread(fd: int, offset: int, length: int) -> bytes | None:
-    """The bytes if the page cache holds all of them, else None.
-
-    A thread hand-off costs more than a cached pread here (about 120 µs
-    against a few µs), so a read that cannot block is done on the loop;
-    RWF_NOWAIT makes the kernel say EAGAIN instead of going to the disk.
-    """
-    if length > _NOWAIT_MAX or not hasattr(os, "RWF_NOWAIT"):
-        return None
-    buf = bytearray(length)
-    try:
-        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-    except OSError:  # EAGAIN, or EOPNOTSUPP on filesystems without it
-        return None
-    return bytes(buf) if n == length else None
 
 
 class FileDisk(Disk):
@@ -63,13 +44,7 @@ class FileDisk(Disk):
 
     def _pread(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
-        view = memoryview(buf)
-        done = 0
-        while done < length:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
+        done = pread_into(self._fd, offset, memoryview(buf))
         if done != length:
             raise DiskError(f"{self.uri}: short read at {offset}: {done} of {length} bytes "
                             f"(disk size {self.size})")
@@ -89,11 +64,8 @@ class FileDisk(Disk):
             raise DiskError(f"{self.uri}: read at {offset}: {e.strerror}") from None
 
     def _pwrite(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
-        self.size = max(self.size, offset + len(view))
+        pwrite_all(self._fd, offset, data)
+        self.size = max(self.size, offset + len(data))
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         if not self._writable:
