@@ -13,7 +13,7 @@ import errno
 import logging
 import time
 from array import array
-from typing import Callable
+from typing import Callable, Sequence
 
 import trio
 
@@ -230,7 +230,7 @@ class PageServer:
         return kept
 
     async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray,
-                          skip: list[int] = []) -> None:
+                          skip: Sequence[int] = ()) -> None:
         """Overlay pages that are LOCAL now (read after the fetch: a write that
         raced with it wins)."""
         ps = region.page_size
