@@ -46,6 +46,10 @@ def setup_logging(debug: bool, logfile: str | None = None) -> None:
 # -- capture -------------------------------------------------------------------
 
 def cmd_capture(a: argparse.Namespace) -> int:
+    if a.from_mount:
+        return cmd_capture_from_mount(a)
+    if not a.ram or not a.volume:
+        raise UsageError("capture needs --ram and --volume (or --from-mount MNT)")
     referencer = None
     if a.disk or a.index:
         from .index import open_referencer  # issue 6: disk references
@@ -67,12 +71,37 @@ def cmd_capture(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture_from_mount(a: argparse.Namespace) -> int:
+    """A mount that tracks what its guest writes makes the page map itself:
+    write-back, copy of the dirty pages to its volume, page map."""
+    if a.ram or a.base or a.view or a.disk:
+        raise UsageError("--from-mount takes only --out (and --volume for a mount without one)")
+    mp = os.path.abspath(a.from_mount)
+    t0 = time.monotonic()
+    if a.volume:
+        control.send(mp, f"volume {a.volume}")
+    out = os.path.abspath(a.out)
+    control.send(mp, f"flush {out}")
+    pm = PageMap.load(out)
+    res = {"pagemap": out, "seconds": round(time.monotonic() - t0, 3), **pm.counts()}
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(f"flushed {mp} in {res['seconds']:.2f}s: {res['pages_remote']} pages on disks, "
+              f"{res['pages_zero']} zero\npage map: {out}")
+    return 0
+
+
 # -- mount -----------------------------------------------------------------------
 
 def mount_options(a: argparse.Namespace) -> MountOptions:
     pm = PageMap.load(a.pagemap) if a.pagemap else None
     regions: dict[str, int] = {}
-    for spec in a.region or []:
+    if a.new and (a.region or pm):
+        raise UsageError("--new starts empty regions: give no page map and no --region")
+    if a.new and not a.volume:
+        raise UsageError("--new needs --volume URI: where the guest's pages are copied")
+    for spec in (a.region or []) + (a.new or []):
         name, sep, size = spec.partition(":")
         if not sep:
             raise UsageError(f"--region {spec}: expected NAME:SIZE")
@@ -90,7 +119,10 @@ def mount_options(a: argparse.Namespace) -> MountOptions:
         bdi_strict_limit=a.bdi_strict_limit, prefetch=not a.no_prefetch, push=not a.no_push,
         prefetch_rate=parse_size(a.prefetch_rate) if a.prefetch_rate else None,
         prefetch_trace=a.prefetch_trace, trace_out=a.trace_out,
-        pagemap_path=os.path.abspath(a.pagemap) if a.pagemap else None)
+        pagemap_path=os.path.abspath(a.pagemap) if a.pagemap else None,
+        new=bool(a.new), volume=a.volume,
+        sync_rate=parse_size(a.sync_rate) if a.sync_rate else None,
+        sync_paused=a.sync_paused)
 
 
 def cmd_mount(a: argparse.Namespace) -> int:
@@ -220,9 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("capture", help="RAM -> migration volume + page map")
-    c.add_argument("--ram", action="append", required=True, metavar="[NAME=]PATH",
+    c.add_argument("--from-mount", metavar="MNT",
+                   help="a memfs mount that tracks its guest's writes (--new/--volume): it "
+                        "writes back, copies its dirty pages and writes --out itself")
+    c.add_argument("--ram", action="append", metavar="[NAME=]PATH",
                    help="a RAM file (/dev/shm/…, /proc/PID/fd/N); repeat for more regions")
-    c.add_argument("--volume", required=True, metavar="URI", help="migration volume")
+    c.add_argument("--volume", metavar="URI", help="migration volume")
     c.add_argument("--out", required=True, metavar="PAGEMAP", help="page map to write")
     c.add_argument("--base", metavar="PAGEMAP", help="previous pass: rewrite changed pages only")
     c.add_argument("--view", metavar="PAGEMAP",
@@ -241,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint", nargs="?")
     m.add_argument("--region", action="append", metavar="NAME:SIZE",
                    help="serve a region before its page map arrives (memfs load)")
+    m.add_argument("--new", action="append", metavar="NAME:SIZE",
+                   help="a region that starts as zero pages, for a guest that boots on "
+                        "the mount (a migration source); needs --volume")
+    m.add_argument("--volume", metavar="URI",
+                   help="copy the pages the guest writes to this volume in the background "
+                        "(memfs capture --from-mount, memfs migrate)")
+    m.add_argument("--sync-rate", metavar="BYTES/S",
+                   help="limit that background copy (e.g. 100M; control: sync-rate)")
+    m.add_argument("--sync-paused", action="store_true",
+                   help="start with the background copy paused (control: sync-resume)")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
     m.add_argument("--allow-other", action="store_true", help="let other users (qemu) in")

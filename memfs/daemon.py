@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,12 +20,13 @@ import trio
 from .disks import Disk, open_disk
 from .fetcher import Fetcher
 from .fs import MemFS
-from .pagemap import PageMap, PageMapError
+from .pagemap import PageMap, PageMapError, PageState, Region
 from .pages import PageServer
 from .prefetch import Prefetcher
 from .trace import Trace
 from .stats import Stats
 from .store import LocalStore
+from .sync import VolumeSync, export, volume_layout
 
 log = logging.getLogger("memfs.daemon")
 
@@ -52,6 +54,15 @@ class MountOptions:
     #: where the working-set trace goes at unmount (None: beside the page map)
     trace_out: str | None = None
     pagemap_path: str | None = None
+    #: the regions start as all-zero pages instead of waiting for a page map
+    #: (a source mount: the guest boots on it)
+    new: bool = False
+    #: where written pages are copied in the background (memfs.sync)
+    volume: str | None = None
+    #: bytes per second for that copy (None: unlimited)
+    sync_rate: float | None = None
+    #: start with the background copy paused
+    sync_paused: bool = False
 
 
 class MountError(Exception):
@@ -121,6 +132,15 @@ class Daemon:
         self.prefetcher: Prefetcher | None = None
         self.stats.gauges.append(self._prefetch_stats)
         self._inited = trio.Event()
+        self.sync: VolumeSync | None = None
+        self._nursery: trio.Nursery | None = None
+        if opts.new:
+            if not opts.regions or opts.pagemap is not None:
+                raise MountError("--new needs regions (NAME:SIZE) and no page map")
+            if not opts.volume:
+                raise MountError("--new needs --volume: where the guest's pages are copied")
+            opts.pagemap = PageMap(disks=[opts.volume], meta={"source": "mount"},
+                                   regions=[Region.empty(n, s) for n, s in sizes.items()])
 
     def _prefetch_stats(self) -> dict[str, object]:
         p = self.prefetcher
@@ -165,14 +185,100 @@ class Daemon:
             view = self.pages.view()
             view.meta["mountpoint"] = self.opts.mountpoint
             await trio.to_thread.run_sync(view.save, path)
+        elif cmd in ("flush", "sync", "sync-pause", "sync-resume", "sync-rate", "volume"):
+            await self._sync_control(cmd, arg.strip())
         elif cmd == "trace":
             path = arg.strip()
             if not os.path.isabs(path):
                 raise ValueError("trace needs an absolute path")
             await trio.to_thread.run_sync(self.pages.trace.save, path)
         else:
-            raise ValueError(f"unknown control command {cmd!r} "
-                             "(known: load PATH, save PATH, trace PATH)")
+            raise ValueError(f"unknown control command {cmd!r} (known: load PATH, save PATH, "
+                             "trace PATH, flush PATH, sync, sync-pause, sync-resume, "
+                             "sync-rate BYTES, volume URI)")
+
+    # -- the mount as a migration source (memfs.sync) ------------------------------
+
+    async def _sync_control(self, cmd: str, arg: str) -> None:
+        if cmd == "volume":
+            await self.attach_volume(arg)
+            return
+        sync = self.sync
+        if sync is None:
+            raise ValueError("no volume: mount with --volume URI or send 'volume URI'")
+        if cmd == "sync-pause":
+            sync.paused = True
+        elif cmd == "sync-resume":
+            sync.paused = False
+        elif cmd == "sync-rate":
+            from .report import parse_size
+            sync.rate = parse_size(arg) or None
+        elif cmd == "sync":
+            await self.fsync_regions()
+            await sync.copy_dirty()
+        else:
+            if not os.path.isabs(arg):
+                raise ValueError("flush needs an absolute path")
+            await self.flush(arg)
+
+    async def attach_volume(self, uri: str) -> None:
+        """Copy written pages to ``uri`` from now on."""
+        if self.sync is not None:
+            if self.sync.volume.uri == uri:
+                return
+            raise ValueError(f"pages already go to volume {self.sync.volume.uri}")
+        await self.pages.installed.wait()
+        pm = self.pages.pagemap
+        assert pm is not None and self._nursery is not None
+        if uri in pm.disks and any(PageState.REMOTE in r.states for r in pm.regions):
+            raise ValueError(f"volume {uri} is a disk of the page map: copying pages there "
+                             "would overwrite what its remote pages refer to")
+        volume = await self._open_volume(uri)
+        self.sync = VolumeSync(self.pages, volume, self.stats, rate=self.opts.sync_rate)
+        self.sync.paused = self.opts.sync_paused
+        self._nursery.start_soon(self.sync.run, name="sync")
+        log.info("written pages go to volume %s", uri)
+
+    async def _open_volume(self, uri: str) -> Disk:
+        end = volume_layout(list(self.pages.sizes.values()))[-1]
+        volume = await open_disk(uri, writable=True, create_size=end)
+        self._stack.push_async_callback(volume.aclose)
+        if volume.size < end:
+            raise MountError(f"volume {uri} holds {volume.size} bytes; the regions need {end}")
+        return volume
+
+    async def fsync_regions(self) -> None:
+        """Make the kernel write back every dirty page of every region (from a
+        worker thread: the WRITEs it sends are served by this loop)."""
+        def work() -> None:
+            for name in self.pages.sizes:
+                fd = os.open(os.path.join(self.opts.mountpoint, name), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        await trio.to_thread.run_sync(work)
+
+    async def flush(self, path: str) -> PageMap:
+        """Write back, copy what is dirty, and save a page map whose every
+        page is zero or remote (a volume or the disk it came from)."""
+        assert self.sync is not None
+        await self.fsync_regions()
+        for _ in range(8):
+            await self.sync.copy_dirty()
+            if not self.pages.dirty.count:
+                break
+        assert self.pages.pagemap is not None
+        try:  # no await between the check and the copy: one consistent state
+            pm = export(self.pages.pagemap, self.pages.dirty.count)
+        except ValueError as e:
+            raise ValueError(f"{e}: the guest writes faster than pages are copied; "
+                             "stop it first") from None
+        pm.meta = {"created": time.time(), "source": "mount", "volume": self.sync.volume.uri,
+                   "mountpoint": self.opts.mountpoint}
+        await trio.to_thread.run_sync(pm.save, path)
+        log.info("flushed: page map %s, %s", path, pm.counts())
+        return pm
 
     def fuse_options(self) -> set[str]:
         o = set(pyfuse3.default_options)
@@ -189,6 +295,8 @@ class Daemon:
         """Mount, call ``ready``, serve until unmounted or signalled."""
         async with self._stack:
             self._stack.callback(self.store.close)
+            if self.opts.new and self.opts.volume:
+                await self._open_volume(self.opts.volume)  # create it: install reads it
             if self.opts.pagemap is not None:
                 await self.install(self.opts.pagemap)
             mp = os.path.realpath(self.opts.mountpoint)
@@ -202,6 +310,10 @@ class Daemon:
                 nursery.start_soon(self._signals, nursery.cancel_scope, name="signals")
                 nursery.start_soon(self._after_init, mp, ready, name="after-init")
                 self.pages.background = nursery
+                self._nursery = nursery
+                if self.opts.volume:
+                    nursery.start_soon(self.attach_volume, self.opts.volume, name="volume")
+                nursery.start_soon(self._trim, name="trim")
                 if self.opts.prefetch:
                     nursery.start_soon(self._prefetch, mp, name="prefetch")
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -236,6 +348,16 @@ class Daemon:
             self.pages, self.stats, mountpoint=mp, inode_of=self.fs.region_inode.__getitem__,
             push=self.opts.push, rate=self.opts.prefetch_rate, trace=trace)
         await self.prefetcher.run()
+
+    async def _trim(self) -> None:
+        """Keep guest RAM once in host memory: the region's page cache holds
+        it, so the store's and the disks' copies are dropped from the page
+        cache (written back first) every second."""
+        while True:
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(self.store.trim)
+            for disk in list(self.disks) + ([self.sync.volume] if self.sync else []):
+                await disk.drop_cache()
 
     async def _after_init(self, mp: str, ready: Callable[[], None]) -> None:
         """Tune the bdi once the kernel's INIT is done (INIT resets read-ahead),

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import trio
 
+from .dirty import DirtySet
 from .fetcher import Fetcher, FetchError, remote_pages
 from .pagemap import PageMap, PageMapError, PageState, Region
 from .stats import Stats
@@ -57,6 +58,8 @@ class PageServer:
         self.background: trio.Nursery | None = None
         self._deferred = 0
         self._locks: dict[str, trio.Lock] = {n: trio.Lock() for n in regions}
+        #: pages written since a volume last received them (memfs.sync)
+        self.dirty = DirtySet({n: s // 4096 for n, s in regions.items()})
         self.on_fetched: list[Callable[[Region, list[int]], None]] = []
         for name, size in regions.items():
             store.open_region(name, size)
@@ -118,11 +121,16 @@ class PageServer:
         assert self.pagemap is not None
         return self.pagemap.region(name)
 
+    def lock(self, name: str) -> trio.Lock:
+        """The lock under which a region's page states change."""
+        return self._locks[name]
+
     def _gauges(self) -> dict[str, object]:
         if self.pagemap is None:
-            return {"pagemap_installed": 0,
+            return {"pagemap_installed": 0, "pages_dirty": self.dirty.count,
                     "pages_total": sum(s // 4096 for s in self.sizes.values())}
-        out: dict[str, object] = {"pagemap_installed": 1}
+        out: dict[str, object] = {"pagemap_installed": 1, "pages_dirty": self.dirty.count,
+                                  "pages_written_back": self.dirty.marked}
         out.update(self.pagemap.counts())
         out["pages_served"] = sum(b.count(1) for b in self.served.values())
         from .index import remote_split  # remote pages: on the volume vs on other disks
@@ -288,6 +296,7 @@ class PageServer:
             except OSError as e:
                 raise PageIOError(errno.EIO, f"local store write failed: {e}") from None
             region.states[first:last] = bytes([LOCAL]) * (last - first)
+            self.dirty.mark(name, first, last)
         self.stats.add("writes")
         self.stats.add("bytes_written", len(data))
         return len(data)

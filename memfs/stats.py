@@ -14,6 +14,7 @@ COUNTERS = (
     "bytes_written", "fetch_requests", "checksum_failures", "fetch_errors",
     "fetch_retries", "read_errors", "pages_failed", "reads_waited_for_pagemap",
     "pages_prefetched", "pages_pushed", "push_errors", "push_races",
+    "sync_pages", "sync_bytes",
 )
 
 

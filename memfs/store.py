@@ -69,6 +69,18 @@ class LocalStore:
         return await trio.to_thread.run_sync(
             lambda: [self._pread(fd, off, n) for off, n in items])
 
+    def trim(self) -> None:
+        """Write back and drop the store's pages from the page cache: the
+        region file's page cache already holds them (blocking: run in a
+        thread).  Reads of the store are rare (after the kernel evicted a
+        page), so one copy in host memory is the right trade."""
+        for fd in list(self._fds.values()):
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # closed meanwhile, or a file system without it
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -1,0 +1,171 @@
+"""Background capture: pages the guest wrote are copied to a volume while it runs.
+
+Why: a guest whose RAM is a memfs region tells the daemon, through the
+kernel's write-back, exactly which pages it changed (``DirtySet``).  Copying
+them to the migration volume in the background, at a rate the operator sets,
+keeps the set the volume lacks small; a migration then only has to ``fsync``
+the region with the guest stopped, copy the few pages still dirty and hand
+over a page map whose every non-zero page points at a volume or at the disk
+it came from.  The final pass costs what the guest dirtied, not its RAM size.
+
+Layout on the volume: the identity layout of capture (region i at the sum of
+the sizes before it, each rounded to 1 MiB; page p at ``voff + p * 4096``).
+A page copied twice lands at the same place, so a page map made from a mount
+refers to data that stays put only while the guest does not run (invariant
+6): ``flush`` is meant for a stopped guest, as migrate and snapshot use it.
+
+One copy runs at a time: two copies of the same page in flight could land on
+the volume out of order.  A copy clears the dirty bits of its pages before it
+reads them from the store; a WRITE that lands meanwhile marks them again and
+they are copied again, so no write is ever missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from array import array
+from typing import TYPE_CHECKING
+
+import trio
+
+from .disks import Disk
+from .pagemap import ZERO_CHECKSUM, ZERO_PAGE, PageMap, PageState, Region, checksum
+
+if TYPE_CHECKING:
+    from .pages import PageServer
+    from .stats import Stats
+
+log = logging.getLogger("memfs.sync")
+
+ALIGN = 1 << 20
+#: pages per copy: one store read, one volume write
+RUN_PAGES = 256
+
+
+def volume_layout(sizes: list[int]) -> list[int]:
+    """Volume offset of each region, and the end (capture's identity layout)."""
+    offsets, at = [], 0
+    for s in sizes:
+        offsets.append(at)
+        at += (s + ALIGN - 1) // ALIGN * ALIGN
+    offsets.append(at)
+    return offsets
+
+
+class VolumeSync:
+    """Copies dirty pages of a ``PageServer`` to ``volume``."""
+
+    def __init__(self, pages: "PageServer", volume: Disk, stats: "Stats",
+                 rate: float | None = None) -> None:
+        self.pages = pages
+        self.volume = volume
+        self.stats = stats
+        #: bytes per second for the background copy; None: as fast as it goes
+        self.rate = rate
+        self.paused = False
+        names = list(pages.sizes)
+        offs = volume_layout([pages.sizes[n] for n in names])
+        self.voff = dict(zip(names, offs))
+        self.volume_end = offs[-1]
+        self.passes = 0
+        self._lock = trio.Lock()
+        self._wake = trio.Event()
+        stats.gauges.append(self._gauges)
+
+    def _gauges(self) -> dict[str, object]:
+        return {"sync_paused": int(self.paused), "sync_rate": int(self.rate or 0),
+                "sync_passes": self.passes}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The background task: copy while anything is dirty and not paused."""
+        while True:
+            if self.paused or not self.pages.dirty.count:
+                self._wake = trio.Event()
+                with trio.move_on_after(1.0):
+                    await self._wake.wait()
+                continue
+            await self.copy_dirty(limited=True)
+            await trio.sleep(0.05)  # let write-back batch up
+
+    async def copy_dirty(self, limited: bool = False) -> int:
+        """Copy every page dirty now; return how many were copied.  With
+        ``limited`` it keeps to the rate and stops when paused."""
+        copied = 0
+        async with self._lock:
+            t0 = time.monotonic()
+            for name in list(self.pages.sizes):
+                for first, last in list(self.pages.dirty.runs(name, RUN_PAGES)):
+                    if limited and self.paused:
+                        break
+                    copied += await self._copy(name, first, last)
+                    if limited and self.rate:
+                        due = t0 + copied * 4096 / self.rate
+                        await trio.sleep_until(due)
+            if copied:
+                await self.volume.flush()
+                self.passes += 1
+        return copied
+
+    async def _copy(self, name: str, first: int, last: int) -> int:
+        pages = self.pages
+        assert pages.pagemap is not None
+        region = pages.pagemap.region(name)
+        ps = region.page_size
+        dirty = pages.dirty
+        async with pages.lock(name):
+            todo = [p for p in range(first, last) if dirty.is_dirty(name, p)]
+            if not todo:
+                return 0
+            first, last = todo[0], todo[-1] + 1
+            dirty.clear(name, first, last)
+        # Outside the lock: a WRITE that lands now marks its pages dirty again.
+        try:
+            (data,) = await pages.store.read_many(name, [(first * ps, (last - first) * ps)])
+        except OSError as e:
+            async with pages.lock(name):
+                dirty.mark(name, first, last)
+            log.error("sync: cannot read %s pages %d..%d from the store: %s",
+                      name, first, last - 1, e)
+            raise
+        view = memoryview(data)
+        sums = array("Q", (checksum(view[i:i + ps]) for i in range(0, len(view), ps)))
+        at = self.voff[name] + first * ps
+        try:
+            await self.volume.write(at, view)
+        except BaseException:
+            async with pages.lock(name):
+                dirty.mark(name, first, last)
+            raise
+        vol = pages.pagemap.disk_index(self.volume.uri)
+        async with pages.lock(name):
+            for i, p in enumerate(range(first, last)):
+                if region.states[p] != PageState.LOCAL or dirty.is_dirty(name, p):
+                    continue  # written again meanwhile: copied again later
+                if sums[i] == ZERO_CHECKSUM and view[i * ps:(i + 1) * ps] == ZERO_PAGE:
+                    region.set_zero(p)  # written back as zeros: a zero page again
+                    continue
+                region.disks[p] = vol
+                region.offsets[p] = at + i * ps
+                region.checksums[p] = sums[i]
+        self.stats.add("sync_pages", last - first)
+        self.stats.add("sync_bytes", len(view))
+        return last - first
+
+
+def export(pm: PageMap, dirty_count: int) -> PageMap:
+    """The page map of a mount whose dirty pages are all copied: every page
+    is ZERO or REMOTE at the location that holds its current content (a
+    LOCAL page that is not dirty is the copy of what its location holds)."""
+    if dirty_count:
+        raise ValueError(f"{dirty_count} pages are still dirty")
+    out = PageMap(disks=list(pm.disks))
+    local, remote = bytes([PageState.LOCAL]), bytes([PageState.REMOTE])
+    for r in pm.regions:
+        out.regions.append(Region(r.name, r.size, r.page_size, r.states.replace(local, remote),
+                                  bytearray(r.disks), array("Q", r.offsets),
+                                  array("Q", r.checksums)))
+    return out
