@@ -2,42 +2,96 @@
 
 One sparse file per region, page i at byte i * page_size.  It is a real file
 on a local disk so that the pages survive page-cache eviction of the FUSE
-file; which pages it holds is recorded in the page map (state LOCAL).
+file and the death of the daemon; which pages it holds is recorded in the
+page map (state LOCAL) and, with a state directory, in its journal.
+
+Two promises: a store file that already holds pages is never truncated or
+reused by a fresh mount (only a resumed one continues it), and a write is
+either kept whole or refused (ENOSPC) with the old bytes untouched: blocks
+are reserved with fallocate() before the first byte is written.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import stat
 import tempfile
 
 import trio
 
-from .fileio import nowait_pread, pread_into, pwrite_all
+from .fileio import PRIVATE, create_new, nowait_pread, pread_into, pwrite_all
+
+
+class StoreError(Exception):
+    """The store cannot be opened as asked; the message says why."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """Reserve blocks for ``[offset, offset+length)`` without changing any
+    byte already there: ENOSPC now rather than half-way through a write.
+    Nothing where the file system cannot (EOPNOTSUPP)."""
+    if _libc.fallocate(fd, 0, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+
+
+def _reserve_and_write(fd: int, offset: int, data: bytes | memoryview) -> None:
+    fallocate(fd, offset, len(data))
+    pwrite_all(fd, offset, data)
 
 
 class LocalStore:
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(self, directory: str | None = None, resume: bool = False) -> None:
+        """``resume``: the store files may hold pages of this same mount
+        (a restarted daemon); otherwise one that holds pages is refused."""
+        self.resume = resume
         if directory is None:
             self.directory = tempfile.mkdtemp(prefix="memfs-store-", dir="/var/tmp")
             self._owned = True
         else:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
             self.directory = directory
             self._owned = False
         self._fds: dict[str, int] = {}
 
     def _fd(self, region: str) -> int:
-        fd = self._fds.get(region)
-        if fd is None:
-            path = os.path.join(self.directory, f"{region}.pages")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            self._fds[region] = fd
-        return fd
+        return self._fds[region]
 
     def open_region(self, region: str, size: int) -> None:
-        """Create the region's (empty, sparse) page file."""
-        os.ftruncate(self._fd(region), size)
+        """Open (or create, sparse) the region's page file, never truncating it."""
+        path = os.path.join(self.directory, f"{region}.pages")
+        flags = os.O_RDWR | os.O_CLOEXEC
+        try:
+            fd = create_new(path, PRIVATE, flags)
+        except FileExistsError:
+            try:
+                fd = os.open(path, flags | os.O_NOFOLLOW)
+            except OSError as e:
+                raise StoreError(f"local store {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"local store {path} is not a regular file")
+            if st.st_size and not self.resume:
+                raise StoreError(f"local store {path} holds the pages of another mount; "
+                                 "continue that mount with --resume STATE, or remove the file")
+            if st.st_size > size:
+                raise StoreError(f"local store {path} is larger ({st.st_size} bytes) than "
+                                 f"region {region} ({size} bytes)")
+            if st.st_size < size:
+                os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds[region] = fd
 
     def _pread(self, fd: int, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -46,7 +100,8 @@ class LocalStore:
         return bytes(buf)
 
     async def write(self, region: str, offset: int, data: bytes | memoryview) -> None:
-        await trio.to_thread.run_sync(pwrite_all, self._fd(region), offset, data)
+        """A guest write: kept whole, or OSError (ENOSPC) with nothing changed."""
+        await trio.to_thread.run_sync(_reserve_and_write, self._fd(region), offset, data)
 
     async def write_many(self, region: str,
                          items: list[tuple[int, bytes | memoryview]]) -> None:

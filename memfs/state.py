@@ -1,0 +1,360 @@
+"""The state directory: what a mount knows, kept where a dead daemon leaves it.
+
+DESIGN.md invariant 9: the guest's memory outlives the daemon.  A daemon
+keeps three things that a successor needs, all under one directory (0700,
+every file 0600, created ``O_EXCL | O_NOFOLLOW``)::
+
+    STATE/meta.json   the mount: mount point, regions, options (written once)
+    STATE/pagemap     the page map as it was installed (pristine: no LOCAL page)
+    STATE/journal     page-state changes since then, one 32-byte record each
+    STATE/store/      the local store (one sparse file per region)
+    STATE/lock        flock()ed by the supervisor that owns the mount
+
+Page states are rebuilt as *installed page map + journal*: a record says
+"these pages are LOCAL now", either because the guest WROTE them or because
+they were fetched and KEPT; the store holds their bytes.  The journal is
+written with a plain pwrite() (the page cache keeps it when the process dies)
+*after* the store write and *before* the state change is visible or the WRITE
+is acknowledged, so a SIGKILL right after an acknowledged WRITE loses nothing,
+and a SIGKILL before it leaves the page as it was (the kernel resends the
+WRITE).  Which pages were served is not journaled: after a restart every page
+counts as served, so nothing is ever pushed over a page the kernel may hold.
+
+The journal is preallocated in chunks (fallocate), so an append after a
+successful store write normally cannot fail for want of space; its end is
+the first all-zero record.  Each record carries an xxh3 of itself: a torn
+last record (power loss) ends the journal, a bad record followed by good
+ones is damage and the state is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import stat
+import struct
+from typing import TYPE_CHECKING, Any, Iterator
+
+import xxhash
+
+from .fileio import PRIVATE, atomic_write, create_new
+from .pagemap import PageMap, PageState, Region
+from .store import fallocate
+
+if TYPE_CHECKING:
+    from .pages import PageServer
+
+log = logging.getLogger("memfs.state")
+
+DEFAULT_ROOT = "/var/lib/memfs"
+JOURNAL_MAGIC = b"MEMFS-JL"
+JOURNAL_VERSION = 1
+HEADER = struct.Struct("<8sII16x")   # magic, version, region count: 32 bytes
+RECORD = struct.Struct("<BBHIQQQ")   # kind, 0, region, count, first, seq, xxh3: 32 bytes
+WROTE, KEPT = 1, 2
+CHUNK = 1 << 20                       # journal preallocation step
+LOCAL = PageState.LOCAL
+
+
+class StateError(Exception):
+    """The state directory cannot be used; the message says why."""
+
+
+def default_dir(mountpoint: str) -> str:
+    """Where ``--supervise`` keeps a mount's state without ``--state``."""
+    name = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root"
+    return os.path.join(DEFAULT_ROOT, name)
+
+
+def _private_dir(path: str, create: bool) -> None:
+    """``path`` is (or becomes) a directory of ours that nobody else can enter."""
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StateError(f"cannot create the state directory {path}: {e.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise StateError(f"state directory {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"state directory {path} is not a directory (or is a symbolic link)")
+    if st.st_uid != os.geteuid():
+        raise StateError(f"state directory {path} belongs to uid {st.st_uid}, not to us")
+    if st.st_mode & 0o077:
+        if not create:
+            raise StateError(f"state directory {path} is open to other users "
+                             f"(mode {st.st_mode & 0o777:o}; want 700)")
+        os.chmod(path, 0o700)
+
+
+# -- the journal -------------------------------------------------------------------
+
+class Journal:
+    """Append-only page-state changes; the hooks PageServer calls."""
+
+    def __init__(self, path: str, names: list[str], fd: int, end: int) -> None:
+        self.path = path
+        self.names = names
+        self.index = {n: i for i, n in enumerate(names)}
+        self.fd = fd
+        self.end = end
+        self.seq = (end - HEADER.size) // RECORD.size
+        self.allocated = os.fstat(fd).st_size
+
+    @classmethod
+    def create(cls, path: str, names: list[str]) -> "Journal":
+        fd = create_new(path, PRIVATE, os.O_RDWR | os.O_CLOEXEC)
+        os.pwrite(fd, HEADER.pack(JOURNAL_MAGIC, JOURNAL_VERSION, len(names)), 0)
+        j = cls(path, names, fd, HEADER.size)
+        j._grow()
+        return j
+
+    @classmethod
+    def open(cls, path: str, names: list[str]) -> tuple["Journal", dict[str, tuple[bytearray, bytearray]]]:
+        """Open for appending; also return what it says: per region, the
+        pages WROTE and KEPT (one byte per page, 1 = in the set)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise StateError(f"journal {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise StateError(f"journal {path} is not a regular file of ours")
+            data = os.pread(fd, st.st_size, 0)
+            sets, end = replay(data, len(names), where=path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, names, fd, end), {n: sets[i] for i, n in enumerate(names)}
+
+    def _grow(self) -> None:
+        fallocate(self.fd, self.allocated, CHUNK)
+        self.allocated = max(self.allocated + CHUNK, os.fstat(self.fd).st_size)
+
+    def _append(self, records: list[tuple[int, int, int, int]]) -> None:
+        out = bytearray()
+        for kind, region, first, count in records:
+            self.seq += 1
+            head = RECORD.pack(kind, 0, region, count, first, self.seq, 0)[:24]
+            out += head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
+        if self.allocated - self.end < len(out) + (CHUNK // 4):
+            try:
+                self._grow()
+            except OSError as e:  # room left is used first; the append fails only when none is
+                log.warning("journal %s cannot grow: %s", self.path, e.strerror)
+        n = os.pwrite(self.fd, out, self.end)
+        if n != len(out):
+            raise OSError(errno.ENOSPC, "short journal write")
+        self.end += n
+
+    def wrote(self, region: Region, first: int, count: int) -> None:
+        """The guest wrote pages ``first..first+count-1`` (already in the store)."""
+        self._append([(WROTE, self.index[region.name], first, count)])
+
+    def kept(self, region: Region, pages: list[int]) -> None:
+        """Fetched, verified ``pages`` are in the store now."""
+        i = self.index[region.name]
+        recs: list[tuple[int, int, int, int]] = []
+        for p in sorted(pages):
+            if recs and recs[-1][2] + recs[-1][3] == p:
+                recs[-1] = (KEPT, i, recs[-1][2], recs[-1][3] + 1)
+            else:
+                recs.append((KEPT, i, p, 1))
+        if recs:
+            self._append(recs)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def replay(data: bytes, nregions: int, sizes: list[int] | None = None,
+           where: str = "journal") -> tuple[list[tuple[bytearray, bytearray]], int]:
+    """Parse a journal: per region (wrote, kept) page sets, and the byte
+    offset where the next record goes.  Raises StateError on damage."""
+    if len(data) < HEADER.size:
+        raise StateError(f"{where}: too short to be a memfs journal")
+    magic, version, count = HEADER.unpack_from(data, 0)
+    if magic != JOURNAL_MAGIC:
+        raise StateError(f"{where}: not a memfs journal")
+    if version != JOURNAL_VERSION:
+        raise StateError(f"{where}: journal version {version}, this memfs reads {JOURNAL_VERSION}")
+    if count != nregions:
+        raise StateError(f"{where}: journal of {count} regions, the mount has {nregions}")
+    sets: list[tuple[bytearray, bytearray]] = [(bytearray(), bytearray())
+                                               for _ in range(nregions)]
+    at, seq = HEADER.size, 0
+    zero = bytes(RECORD.size)
+    while at + RECORD.size <= len(data):
+        rec = data[at:at + RECORD.size]
+        if rec == zero:
+            break
+        kind, pad, region, n, first, rseq, check = RECORD.unpack(rec)
+        ok = (check == xxhash.xxh3_64_intdigest(rec[:24]) and kind in (WROTE, KEPT)
+              and pad == 0 and region < nregions and n > 0 and rseq == seq + 1
+              and first + n <= (sizes[region] if sizes else 1 << 40))
+        if not ok:
+            if any(data[at + RECORD.size:]):
+                raise StateError(f"{where}: damaged record at byte {at}")
+            log.warning("%s: torn last record at byte %d ignored", where, at)
+            break
+        seq = rseq
+        s = sets[region][0 if kind == WROTE else 1]
+        if len(s) < first + n:
+            s.extend(bytes(first + n - len(s)))
+        s[first:first + n] = b"\1" * n
+        at += RECORD.size
+    return sets, at
+
+
+# -- the directory -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class State:
+    """An open state directory."""
+
+    path: str
+    meta: dict[str, Any]
+    lock_fd: int = -1
+    journal: Journal | None = None
+    #: per region: pages the journal says the guest wrote / the store kept
+    wrote: dict[str, bytearray] = dataclasses.field(default_factory=dict)
+    kept: dict[str, bytearray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def store_dir(self) -> str:
+        return self.meta.get("store_dir") or os.path.join(self.path, "store")
+
+    @property
+    def mountpoint(self) -> str:
+        return self.meta["mountpoint"]
+
+    @property
+    def regions(self) -> dict[str, int]:
+        return dict(self.meta["regions"])
+
+    @property
+    def pagemap_path(self) -> str:
+        return os.path.join(self.path, "pagemap")
+
+    @classmethod
+    def create(cls, path: str, mountpoint: str, regions: dict[str, int],
+               options: dict[str, Any]) -> "State":
+        """A new state directory for a fresh mount; refuses one in use."""
+        path = os.path.abspath(path)
+        if os.path.dirname(path) == DEFAULT_ROOT:
+            os.makedirs(DEFAULT_ROOT, 0o700, exist_ok=True)
+            _private_dir(DEFAULT_ROOT, create=True)
+        _private_dir(path, create=True)
+        if os.path.lexists(os.path.join(path, "meta.json")):
+            raise StateError(f"state directory {path} holds the state of another mount "
+                             f"(continue it with: memfs mount --resume {path})")
+        st = cls(path, {"version": 1, "mountpoint": mountpoint, "regions": regions,
+                        "store_dir": options.pop("store_dir", None), "options": options})
+        st.lock()
+        store = st.store_dir
+        if not st.meta["store_dir"]:
+            _private_dir(store, create=True)
+        Journal.create(os.path.join(path, "journal"), sorted(regions)).close()
+        atomic_write(os.path.join(path, "meta.json"),
+                     [json.dumps(st.meta, indent=1).encode()])
+        return st
+
+    @classmethod
+    def open(cls, path: str) -> "State":
+        path = os.path.abspath(path)
+        _private_dir(path, create=False)
+        meta_path = os.path.join(path, "meta.json")
+        try:
+            fd = os.open(meta_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd) as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise StateError(f"{path} is not a memfs state directory (no meta.json)") from None
+        except (OSError, ValueError) as e:
+            raise StateError(f"{meta_path}: {e}") from None
+        if not isinstance(meta, dict) or meta.get("version") != 1 \
+                or not isinstance(meta.get("regions"), dict) \
+                or not isinstance(meta.get("mountpoint"), str):
+            raise StateError(f"{meta_path}: not a memfs state (version 1)")
+        return cls(path, meta)
+
+    def lock(self) -> None:
+        """Take the directory for this process (the supervisor): one owner."""
+        lp = os.path.join(self.path, "lock")
+        try:
+            fd = os.open(lp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = create_new(lp, PRIVATE, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(f"state directory {self.path} is in use by another memfs") from None
+        self.lock_fd = fd
+
+    def load_pagemap(self) -> PageMap | None:
+        if not os.path.lexists(self.pagemap_path):
+            return None
+        return PageMap.load(self.pagemap_path)
+
+    def save_pagemap(self, pm: PageMap) -> None:
+        """Keep the page map as installed (before any page changes state)."""
+        pm.save(self.pagemap_path)
+
+    def open_journal(self) -> Journal:
+        """Open the journal for this daemon and read what it says so far."""
+        names = sorted(self.regions)
+        self.journal, sets = Journal.open(os.path.join(self.path, "journal"), names)
+        self.wrote = {n: s[0] for n, s in sets.items()}
+        self.kept = {n: s[1] for n, s in sets.items()}
+        return self.journal
+
+    def local_pages(self, name: str) -> Iterator[tuple[int, int]]:
+        """(first, end) stretches of pages the journal made LOCAL."""
+        w, k = self.wrote.get(name, bytearray()), self.kept.get(name, bytearray())
+        both = bytearray(max(len(w), len(k)))
+        both[:len(w)] = w
+        for i, v in enumerate(k):
+            if v:
+                both[i] = 1
+        at = both.find(1)
+        while at >= 0:
+            end = both.find(0, at)
+            end = len(both) if end < 0 else end
+            yield at, end
+            at = both.find(1, end)
+
+    def restore(self, pages: "PageServer", served: bool) -> int:
+        """Apply the journal to the installed page map; with ``served``
+        mark every page served (the kernel may hold any of them).  Runs on
+        the loop right after install, so no I/O sees the map in between."""
+        assert pages.pagemap is not None
+        n = 0
+        for r in pages.pagemap.regions:
+            for first, end in self.local_pages(r.name):
+                end = min(end, r.npages)
+                r.states[first:end] = bytes([LOCAL]) * (end - first)
+                n += end - first
+            if served:
+                pages.served[r.name][:] = b"\1" * r.npages
+        log.info("state %s: %d pages local from the journal (%d written by the guest)%s",
+                 self.path, n, sum(w.count(1) for w in self.wrote.values()),
+                 "; every page counts as served" if served else "")
+        return n
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
