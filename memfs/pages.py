@@ -13,7 +13,7 @@ import errno
 import logging
 import time
 from array import array
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import trio
 
@@ -36,6 +36,24 @@ class PageIOError(Exception):
     def __init__(self, err: int, message: str) -> None:
         super().__init__(message)
         self.errno = err
+
+
+class PageJournal(Protocol):
+    """Where page-state changes go before they count (memfs.state.Journal)."""
+
+    def wrote(self, region: Region, first: int, count: int) -> None: ...
+    def kept(self, region: Region, pages: list[int]) -> None: ...
+
+
+class _NoJournal:
+    def wrote(self, region: Region, first: int, count: int) -> None:
+        pass
+
+    def kept(self, region: Region, pages: list[int]) -> None:
+        pass
+
+
+NO_JOURNAL = _NoJournal()
 
 
 class PageServer:
@@ -61,6 +79,8 @@ class PageServer:
         #: pages written since a volume last received them (memfs.sync)
         self.dirty = DirtySet({n: s // 4096 for n, s in regions.items()})
         self.on_fetched: list[Callable[[Region, list[int]], None]] = []
+        #: memfs.state.Journal: told of every page made LOCAL before it counts
+        self.journal: PageJournal = NO_JOURNAL
         for name, size in regions.items():
             store.open_region(name, size)
         stats.gauges.append(self._gauges)
@@ -227,8 +247,14 @@ class PageServer:
             for p0, n in _stretches(pages):
                 data = got[p0] if n == 1 else b"".join(got[p] for p in range(p0, p0 + n))
                 writes.append((p0 * ps, data))
-            if writes:
-                await self.store.write_many(region.name, writes)
+            try:
+                if writes:
+                    await self.store.write_many(region.name, writes)
+                self.journal.kept(region, pages)
+            except OSError as e:  # store full: the pages stay remote, served unkept
+                self.stats.add("store_write_errors")
+                log.warning("%s: %d fetched pages not kept: %s", region.name, len(pages), e)
+                pages = []
             for p in pages:
                 states[p] = LOCAL
             kept = pages
@@ -274,27 +300,32 @@ class PageServer:
         first, last = offset // ps, (end + ps - 1) // ps
         partial = {p for p, cut in ((first, offset % ps), (last - 1, end % ps)) if cut}
         # A partial page needs its old content: fetch it first (outside the lock).
+        fetched: dict[int, bytearray] = {}
         for p in sorted(partial):
             if region.states[p] == REMOTE:
-                buf = bytearray(ps)
+                buf = fetched[p] = bytearray(ps)
                 await self._fetch_into(region, p, buf, [p])
         async with self._locks[name]:
             if partial:
                 lo = offset - first * ps
                 merged = bytearray((last - first) * ps)
                 for p in partial:
-                    # REMOTE -> LOCAL is one-way, so each is ZERO or LOCAL now
+                    # REMOTE -> LOCAL is one-way: ZERO, LOCAL, or REMOTE if it could not be kept
+                    at = (p - first) * ps
                     if region.states[p] == LOCAL:
-                        at = (p - first) * ps
                         merged[at:at + ps] = await self._store_read(name, p * ps, ps)
+                    elif region.states[p] == REMOTE:  # fetched but not kept (store full)
+                        merged[at:at + ps] = fetched[p]
                 merged[lo:lo + len(data)] = data
                 payload: bytes | bytearray = merged
             else:
                 payload = data
             try:
                 await self.store.write(name, first * ps, payload)
-            except OSError as e:
-                raise PageIOError(errno.EIO, f"local store write failed: {e}") from None
+                self.journal.wrote(region, first, last - first)
+            except OSError as e:  # nothing kept: the pages stay as they were
+                err = errno.ENOSPC if e.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
+                raise PageIOError(err, f"local store write failed: {e}") from None
             region.states[first:last] = bytes([LOCAL]) * (last - first)
             self.dirty.mark(name, first, last)
         self.stats.add("writes")
