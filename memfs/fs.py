@@ -79,6 +79,14 @@ class MemFS(pyfuse3.Operations):
         self._open_meta: dict[int, bytes] = {}
         self._next_fh = 1
 
+    #: called inside libfuse's INIT handling, before the reply is written:
+    #: memfs.takeover adopts a held FUSE connection here
+    on_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        if self.on_init is not None:
+            self.on_init()
+
     # -- names ------------------------------------------------------------------
 
     def meta_names(self) -> list[str]:
@@ -177,6 +185,12 @@ class MemFS(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if inode in self.inode_region:
+            if flags & os.O_TRUNC:
+                # atomic_o_trunc: the kernel drops the page cache (dirty guest
+                # pages included) once an O_TRUNC open succeeds; a region has
+                # a fixed size and is never emptied
+                log.warning("refused open(O_TRUNC) of region %s", self.inode_region[inode])
+                raise pyfuse3.FUSEError(errno.EPERM)
             # keep_cache: reopening must not drop pages the guest may have dirtied
             return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
         if inode not in self.inode_meta:
