@@ -10,9 +10,9 @@ import logging
 import os
 import signal
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import pyfuse3
 import trio
@@ -20,10 +20,12 @@ import trio
 from .disks import Disk, open_disk
 from .fetcher import Fetcher
 from .fs import MemFS
+from .control import ControlError, describe_mappers, find_mount, mappers, parse_line, \
+    writable_target
 from .pagemap import PageMap, PageMapError, PageState, Region
 from .pages import PageServer
 from .prefetch import Prefetcher
-from .trace import Trace
+from .trace import Trace, pack_pages
 from .stats import Stats
 from .store import LocalStore
 from .sync import VolumeSync, export, volume_layout
@@ -63,6 +65,10 @@ class MountOptions:
     sync_rate: float | None = None
     #: start with the background copy paused
     sync_paused: bool = False
+    #: the only directories control commands (save, trace, flush) may write
+    #: to; empty: the page map's, the store's, and directories only root or
+    #: the mount's owner can write
+    control_dirs: list[str] = field(default_factory=list)
 
 
 class MountError(Exception):
@@ -134,6 +140,11 @@ class Daemon:
         self._inited = trio.Event()
         self.sync: VolumeSync | None = None
         self._nursery: trio.Nursery | None = None
+        #: stopping (memfs umount, SIGTERM): the prefetch first, then FUSE
+        self._prefetch_scope = trio.CancelScope()
+        self._prefetch_stopped = trio.Event()
+        self._main_scope = trio.CancelScope()
+        self._stopping = False
         if opts.new:
             if not opts.regions or opts.pagemap is not None:
                 raise MountError("--new needs regions (NAME:SIZE) and no page map")
@@ -170,9 +181,48 @@ class Daemon:
         self.disks = disks
         self.pages.install(pm, Fetcher(disks, self.stats, retries=self.opts.fetch_retries))
 
-    async def control(self, line: str) -> None:
-        """A command written to ``.memfs/control``."""
-        cmd, _, arg = line.partition(" ")
+    async def control(self, line: str) -> Callable[[], None] | None:
+        """A command written to ``.memfs/control``; what it returns runs once
+        the writer closes the file (stop: unmount after the reply)."""
+        cmd, arg = parse_line(line)
+        if cmd == "stop":
+            force = arg == "force"
+            found = await trio.to_thread.run_sync(self._mappers)
+            if found and not force:
+                raise ControlError(f"not unmounting {self.opts.mountpoint}: "
+                                   f"{describe_mappers(found)} (stop it first, or --force)")
+            nursery = self._nursery
+            assert nursery is not None
+            return lambda: nursery.start_soon(self.shutdown, "stop" + " force" * force)
+        if cmd in ("save", "trace", "flush"):
+            async with self._write_target(arg) as target:
+                await self._command(cmd, target)
+        else:
+            await self._command(cmd, arg)
+        return None
+
+    @asynccontextmanager
+    async def _write_target(self, path: str) -> AsyncIterator[str]:
+        """Where a control command may write ``path`` (control.writable_target),
+        from a worker thread: the path may lead through this very mount."""
+        allowed = self.opts.control_dirs or [
+            os.path.dirname(p) for p in (self.pagemap_path, self.opts.trace_out,
+                                         self.opts.store_dir and self.opts.store_dir + "/")
+            if p]
+        cm = writable_target(path, allowed, {0, os.getuid()},
+                             private_ok=not self.opts.control_dirs)
+        target = await trio.to_thread.run_sync(cm.__enter__)
+        try:
+            yield target
+        finally:
+            await trio.to_thread.run_sync(cm.__exit__, None, None, None)
+
+    def _mappers(self) -> dict[int, tuple[str, set[str]]]:
+        """Processes (other than this one) that map a region of this mount."""
+        entry = find_mount(self.opts.mountpoint)
+        return mappers(entry) if entry and entry.is_memfs else {}
+
+    async def _command(self, cmd: str, arg: str) -> None:
         if cmd == "load":
             pm = await trio.to_thread.run_sync(PageMap.load, arg.strip())
             await self.install(pm)
@@ -264,10 +314,14 @@ class Daemon:
         page is zero or remote (a volume or the disk it came from)."""
         assert self.sync is not None
         await self.fsync_regions()
-        for _ in range(8):
-            await self.sync.copy_dirty()
-            if not self.pages.dirty.count:
-                break
+        self.sync.record = copied = {}
+        try:
+            for _ in range(8):
+                await self.sync.copy_dirty()
+                if not self.pages.dirty.count:
+                    break
+        finally:
+            self.sync.record = None
         assert self.pages.pagemap is not None
         try:  # no await between the check and the copy: one consistent state
             pm = export(self.pages.pagemap, self.pages.dirty.count)
@@ -275,7 +329,9 @@ class Daemon:
             raise ValueError(f"{e}: the guest writes faster than pages are copied; "
                              "stop it first") from None
         pm.meta = {"created": time.time(), "source": "mount", "volume": self.sync.volume.uri,
-                   "mountpoint": self.opts.mountpoint}
+                   "mountpoint": self.opts.mountpoint,
+                   # what the guest was busy writing: the destination fetches it first
+                   "hot": {n: pack_pages(sorted(set(p))) for n, p in copied.items()}}
         await trio.to_thread.run_sync(pm.save, path)
         log.info("flushed: page map %s, %s", path, pm.counts())
         return pm
@@ -315,8 +371,9 @@ class Daemon:
                     nursery.start_soon(self.attach_volume, self.opts.volume, name="volume")
                 nursery.start_soon(self._trim, name="trim")
                 if self.opts.prefetch:
-                    nursery.start_soon(self._prefetch, mp, name="prefetch")
-                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                    nursery.start_soon(self._prefetch_until_stopped, mp, name="prefetch")
+                with self._main_scope:
+                    await pyfuse3.main(min_tasks=4, max_tasks=64)
                 # main returns once unmounted (fusermount -u) or terminated
                 nursery.cancel_scope.cancel()
             log.info("unmounted %s; stats %s", mp, self.stats.counters)
@@ -370,7 +427,42 @@ class Daemon:
         ready()
 
     async def _signals(self, scope: trio.CancelScope) -> None:
+        """SIGTERM, SIGHUP, SIGINT: what ``memfs umount`` does, refusals included:
+        detaching a region that a process maps would SIGBUS it."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
-                log.info("signal %d: unmounting", sig)
-                pyfuse3.terminate()
+                name = signal.Signals(sig).name
+                found = await trio.to_thread.run_sync(self._mappers)
+                if found:
+                    log.warning("%s: not unmounting %s: %s; still serving", name,
+                                self.opts.mountpoint, describe_mappers(found))
+                    continue
+                assert self._nursery is not None
+                self._nursery.start_soon(self.shutdown, name)
+
+    async def _prefetch_until_stopped(self, mp: str) -> None:
+        with self._prefetch_scope:
+            try:
+                await self._prefetch(mp)
+            finally:
+                self._prefetch_stopped.set()
+
+    async def shutdown(self, why: str, grace: float = 10.0) -> None:
+        """Unmount: stop the prefetch (it holds region files open, which made a
+        plain unmount EBUSY), end the FUSE loop, and let go of READs that wait
+        for a page map that will not come now, or, after ``grace`` seconds,
+        for a disk that does not answer.  run() then unmounts and cleans up."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("%s: stopping the prefetch and unmounting %s", why, self.opts.mountpoint)
+        self._prefetch_scope.cancel()
+        if self.opts.prefetch:
+            await self._prefetch_stopped.wait()
+        pyfuse3.terminate()
+        if not self.pages.installed.is_set():
+            self._main_scope.cancel()
+            return
+        await trio.sleep(grace)
+        log.warning("%s: requests still in flight after %gs: cancelled", why, grace)
+        self._main_scope.cancel()

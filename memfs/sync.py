@@ -70,12 +70,14 @@ class VolumeSync:
         self.volume_end = offs[-1]
         self.passes = 0
         self._lock = trio.Lock()
+        #: while not None: the pages copied, per region (flush reports them)
+        self.record: dict[str, list[int]] | None = None
         self._wake = trio.Event()
         stats.gauges.append(self._gauges)
 
     def _gauges(self) -> dict[str, object]:
         return {"sync_paused": int(self.paused), "sync_rate": int(self.rate or 0),
-                "sync_passes": self.passes}
+                "sync_passes": self.passes, "sync_volume": self.volume.uri}
 
     def wake(self) -> None:
         self._wake.set()
@@ -122,6 +124,8 @@ class VolumeSync:
                 return 0
             first, last = todo[0], todo[-1] + 1
             dirty.clear(name, first, last)
+        if self.record is not None:
+            self.record.setdefault(name, []).extend(todo)
         # Outside the lock: a WRITE that lands now marks its pages dirty again.
         try:
             (data,) = await pages.store.read_many(name, [(first * ps, (last - first) * ps)])

@@ -17,6 +17,8 @@
 #   gap       -> GAP <ms>      longest gap between ticks, by the guest's clock
 #   resetgap  -> GAPRESET
 #   ping [X]  -> PONG X
+#   mark X    -> MARK X        writes X to /data/mark (a page of guest RAM)
+#   readmark  -> MARKED X      what /data/mark holds
 #   readdisk [DEV] -> READDISK DEV md5=<md5>  reads a whole disk (default /dev/vda,
 #             a virtio-blk disk: its modules load on first use) into the page cache
 #   poweroff  -> powers off
@@ -141,6 +143,8 @@ while :; do
             gap) echo "GAP $(($(cat /run/maxgap) * 10))" ;;
             resetgap) touch /run/gapreset; echo GAPRESET ;;
             ping) echo "PONG $arg" ;;
+            mark) printf '%s' "$arg" > /data/mark; echo "MARK $arg" ;;
+            readmark) echo "MARKED $(cat /data/mark 2>/dev/null)" ;;
             readdisk) dev=${arg:-/dev/vda}
                 if [ ! -b "$dev" ]; then
                     for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev \

@@ -12,9 +12,14 @@ memfd, or a file in another memfs mount); the destination QEMU, started with
    sides keeps the shared RAM out of the stream;
 5. ``cont`` the destination; the source may be switched off.
 
-If the source RAM is itself served by memfs (a guest that came here the same
-way), every pass first asks that mount for its view (control ``save``): the
-pages it never handed to the kernel are not read, they keep their location.
+If the source RAM is itself served by memfs (a guest that booted on a
+``memfs mount --new`` source mount, or one that came here the same way), no
+pass reads RAM: the mount knows from the kernel's write-back which pages the
+guest wrote and copies them to its volume (memfs.sync, memfs.qemu.passes).
+A pass is ``sync`` (write back, copy what is dirty); the final one, with the
+source stopped, is ``flush`` (the same plus the page map), so the downtime is
+what the guest dirtied since the last pass, not its RAM size.  Pages the
+mount never had keep their location on the disk they came from.
 
 With ``--disk URI --index INDEX`` (``memfs index``), every capture pass
 refers to the guest's disk for pages whose bytes equal one of its 4 KiB
@@ -42,8 +47,9 @@ from typing import Any, Sequence
 import trio
 
 from .. import control
-from ..capture import CaptureError, Referencer, capture, parse_ram_args
+from ..capture import CaptureError, Referencer, parse_ram_args
 from ..index import aopen_referencer
+from .passes import MountPasses, PassError, ReadPasses
 from .plain import MigrationWatch, migrate_incoming, set_capabilities
 from .qmp import QMP, QMPError, unwrap_single
 
@@ -60,7 +66,7 @@ class MigrateError(Exception):
 class MigrateOptions:
     source_qmp: str | None
     rams: list[tuple[str, str]]         # (region name, RAM file on the source)
-    volume: str                         # migration volume URI
+    volume: str | None                  # migration volume URI (None: the source mount's)
     pagemap: str                        # page map to write (read by the destination)
     dest_qmp: str | None
     dest_mount: str
@@ -90,6 +96,11 @@ class MigrateReport:
     #: (device state sent, every page on the volume): it may be switched off
     src_free_ms: float = 0.0
     volume_bytes: int = 0
+    #: the volume the pages went to
+    volume: str = ""
+    #: (source on memfs) bytes its mount copied to the volume before the
+    #: migration started, in the background while the guest ran
+    volume_bytes_before: int = 0
     #: pages referenced on the disk (--disk/--index) instead of written, all passes
     pages_referenced: int = 0
     #: bytes in the migration stream: counted on the wire when memfs runs the
@@ -268,26 +279,33 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
     def mark(step: str) -> None:
         steps[step] = round((time.monotonic() - t0) * 1000, 1)
 
-    base: str | None = None
-    view = os.path.join(tmp, "view.pagemap") if src_mount else None
+    passes: ReadPasses | MountPasses
+    if src_mount and ref is None:
+        passes = MountPasses(src_mount, opts.volume)
+        try:
+            rep.volume = await passes.prepare()
+        except PassError as e:
+            raise MigrateError(str(e)) from None
+        rep.volume_bytes_before = passes.bytes_before
+    else:
+        if not opts.volume:
+            raise MigrateError("--volume is needed: the source RAM is not a memfs mount "
+                               "that copies its pages to a volume")
+        passes = ReadPasses(opts.rams, opts.volume, tmp, ref, view_mount=src_mount)
+        rep.volume = opts.volume
 
     async def one_pass(i: int) -> None:
-        nonlocal base
-        if src_mount and view:
-            await trio.to_thread.run_sync(control.save, src_mount, view)
-        out = opts.pagemap if i == opts.passes else os.path.join(tmp, f"pass{i}.pagemap")
+        final = i == opts.passes
         try:
-            res = await capture(opts.rams, opts.volume, out, base=base, view=view,
-                                progress=False, referencer=ref)
-        except CaptureError as e:
+            res = await passes.run(i, opts.pagemap if final else None)
+        except PassError as e:
             raise MigrateError(f"capture pass {i + 1}: {e}") from None
-        rep.passes.append(res.as_dict())
-        rep.volume_bytes += res.bytes_written
-        rep.pages_referenced += res.pages_referenced
-        log.info("pass %d%s: %.2fs, %d pages written, %d unchanged, %d kept remote, "
-                 "%d referenced", i + 1, " (final)" if i == opts.passes else "", res.seconds,
-                 res.pages_written, res.pages_unchanged, res.pages_kept, res.pages_referenced)
-        base = out
+        rep.passes.append(res)
+        if "bytes_written" in res:
+            rep.volume_bytes += res["bytes_written"]
+            rep.pages_referenced += res.get("pages_referenced", 0)
+        log.info("pass %d%s: %.3fs %s", i + 1, " (final)" if final else "", res["seconds"],
+                 {k: v for k, v in res.items() if k.startswith("pages_")})
 
     for i in range(opts.passes):
         await one_pass(i)
@@ -336,6 +354,9 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
         raise
     rep.downtime_ms = round((t_run - t_stop) * 1000, 1)
     rep.total_ms = round((t_run - t0) * 1000, 1)
+    if isinstance(passes, MountPasses):  # the final pass's figures, now that it is over
+        await passes.account(rep.passes[-1])
+        rep.volume_bytes += rep.passes[-1]["bytes_written"]
     st = await trio.to_thread.run_sync(control.read_stats, opts.dest_mount)
     rep.pages_remote_at_resume = int(st.get("pages_remote", 0))
     if opts.quit_source:
@@ -376,7 +397,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source-qmp", required=True, metavar="SOCK", help="source QEMU's QMP socket")
     p.add_argument("--ram", action="append", required=True, metavar="[NAME=]PATH",
                    help="the source's RAM file (shared memory backend); repeat per region")
-    p.add_argument("--volume", required=True, metavar="URI", help="migration volume")
+    p.add_argument("--volume", metavar="URI",
+                   help="migration volume (a source on a memfs mount with --volume: its own)")
     p.add_argument("--pagemap", required=True, metavar="PATH",
                    help="page map to write (the destination's mount reads it)")
     p.add_argument("--dest-qmp", required=True, metavar="SOCK",
