@@ -27,7 +27,9 @@ from .pages import PageServer
 from .prefetch import Prefetcher
 from .trace import Trace, pack_pages
 from .stats import Stats
+from .state import State
 from .store import LocalStore
+from .takeover import Takeover, detach
 from .sync import VolumeSync, export, volume_layout
 
 log = logging.getLogger("memfs.daemon")
@@ -56,6 +58,8 @@ class MountOptions:
     #: where the working-set trace goes at unmount (None: beside the page map)
     trace_out: str | None = None
     pagemap_path: str | None = None
+    #: memfs.state: a state directory (under a supervisor); its store is continued
+    state_dir: str | None = None
     #: the regions start as all-zero pages instead of waiting for a page map
     #: (a source mount: the guest boots on it)
     new: bool = False
@@ -129,11 +133,14 @@ class Daemon:
                  else dict(opts.regions))
         if not sizes:
             raise MountError("nothing to serve: no page map and no --region")
-        self.store = LocalStore(opts.store_dir)
+        self.store = LocalStore(opts.store_dir, resume=opts.state_dir is not None)
         self.pages = PageServer(sizes, self.store, self.stats)
         self.stats.gauges.append(self._disk_stats)
         self.fs = MemFS(self.pages, self.stats, self.control, mode=opts.mode)
         self._stack = AsyncExitStack()
+        #: set by memfs.supervisor: the held connection, the state directory
+        self.takeover: Takeover | None = None
+        self.state: State | None = None
         self.pagemap_path = opts.pagemap_path
         self.prefetcher: Prefetcher | None = None
         self.stats.gauges.append(self._prefetch_stats)
@@ -179,7 +186,11 @@ class Daemon:
             self._stack.push_async_callback(disk.aclose)
             disks.append(disk)
         self.disks = disks
+        if self.state is not None:  # the map as installed; the journal goes on top
+            await trio.to_thread.run_sync(self.state.installing, pm)
         self.pages.install(pm, Fetcher(disks, self.stats, retries=self.opts.fetch_retries))
+        if self.state is not None:
+            self.state.restore(self.pages)
 
     async def control(self, line: str) -> Callable[[], None] | None:
         """A command written to ``.memfs/control``; what it returns runs once
@@ -355,10 +366,14 @@ class Daemon:
                 await self._open_volume(self.opts.volume)  # create it: install reads it
             if self.opts.pagemap is not None:
                 await self.install(self.opts.pagemap)
-            mp = os.path.realpath(self.opts.mountpoint)
-            check_mountpoint(mp)
+            if self.takeover is None:
+                mp = os.path.realpath(self.opts.mountpoint)
+                check_mountpoint(mp)
+            else:  # a held connection (memfs.takeover), maybe with readers waiting
+                mp = self.opts.mountpoint
             try:
-                pyfuse3.init(self.fs, mp, self.fuse_options())
+                pyfuse3.init(self.fs, self.takeover.target if self.takeover else mp,
+                             self.fuse_options())
             except RuntimeError as e:
                 raise MountError(f"cannot mount {mp}: {e}") from None
             self._stack.callback(pyfuse3.close, True)
@@ -376,6 +391,8 @@ class Daemon:
                     await pyfuse3.main(min_tasks=4, max_tasks=64)
                 # main returns once unmounted (fusermount -u) or terminated
                 nursery.cancel_scope.cancel()
+            if self.takeover is not None and self._stopping:
+                detach(mp)  # libfuse unmounts nothing it did not mount
             log.info("unmounted %s; stats %s", mp, self.stats.counters)
             self._save_trace()
 
