@@ -229,6 +229,8 @@ class State:
     #: per region: pages the journal says the guest wrote / the store kept
     wrote: dict[str, bytearray] = dataclasses.field(default_factory=dict)
     kept: dict[str, bytearray] = dataclasses.field(default_factory=dict)
+    #: a daemon before this one served pages (the kernel may hold any of them)
+    resumed: bool = False
 
     @property
     def store_dir(self) -> str:
@@ -311,6 +313,11 @@ class State:
         """Keep the page map as installed (before any page changes state)."""
         pm.save(self.pagemap_path)
 
+    def installing(self, pm: PageMap) -> None:
+        """The daemon installs ``pm``: keep it unless it came from here."""
+        if not os.path.lexists(self.pagemap_path):
+            self.save_pagemap(pm)
+
     def open_journal(self) -> Journal:
         """Open the journal for this daemon and read what it says so far."""
         names = sorted(self.regions)
@@ -334,17 +341,26 @@ class State:
             yield at, end
             at = both.find(1, end)
 
-    def restore(self, pages: "PageServer", served: bool) -> int:
-        """Apply the journal to the installed page map; with ``served``
-        mark every page served (the kernel may hold any of them).  Runs on
-        the loop right after install, so no I/O sees the map in between."""
+    def restore(self, pages: "PageServer") -> int:
+        """Apply the journal to the installed page map; after another daemon
+        mark every page served (the kernel may hold any of them, dirty), and
+        every page the guest wrote dirty (a volume may not have it yet).
+        Runs on the loop right after install: no I/O sees the map between."""
         assert pages.pagemap is not None
+        served = self.resumed
         n = 0
         for r in pages.pagemap.regions:
             for first, end in self.local_pages(r.name):
                 end = min(end, r.npages)
                 r.states[first:end] = bytes([LOCAL]) * (end - first)
                 n += end - first
+            w = self.wrote.get(r.name, bytearray())
+            at = w.find(1)
+            while at >= 0 and hasattr(pages, "dirty"):
+                end = w.find(0, at)
+                end = len(w) if end < 0 else end
+                pages.dirty.mark(r.name, at, min(end, r.npages))
+                at = w.find(1, end)
             if served:
                 pages.served[r.name][:] = b"\1" * r.npages
         log.info("state %s: %d pages local from the journal (%d written by the guest)%s",
