@@ -9,7 +9,8 @@ hash to block.  ``memfs capture --disk DISK --index INDEX`` then asks a
 migration volume: a page whose checksum is in the index *and whose bytes
 equal the block on the disk* gets that block's location instead of a copy.
 
-The index file is msgpack with a magic and a version; its per-block data are
+The index file is msgpack in a msgfile envelope (magic, version, xxh3-128 of
+the whole content: a corrupt index is refused); its per-block data are
 packed little-endian uint64 arrays (``hashes`` sorted and distinct, ``blocks``
 the block number of each hash), looked up by binary search.  Zero blocks are
 not indexed (capture never asks for zero pages).  One block is kept per
@@ -60,13 +61,14 @@ import xxhash
 
 from .capture import CaptureError, Progress
 from .disks import Disk, DiskError, open_disk, parse_uri
-from .pagemap import (PAGE_SIZE, atomic_write, ZERO_CHECKSUM, PageMap, PageState, checksum, get_field,
+from . import msgfile
+from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageState, checksum, get_field,
                       u64_array, u64_bytes)
 
 log = logging.getLogger("memfs.index")
 
-MAGIC = "memfs-index"
-VERSION = 1
+MAGIC = b"MEMFS-IX"
+VERSION = 2
 BLOCK = PAGE_SIZE
 CHUNK = 1 << 20                 # the coarse fingerprint granule
 READ = 8 << 20                  # largest single read while indexing
@@ -77,6 +79,9 @@ _ZERO_CHUNK = bytes(CHUNK)
 
 class DiskIndexError(Exception):
     """Raised for every malformed, inconsistent or unreadable index file."""
+
+
+FORMAT = msgfile.Format(MAGIC, VERSION, "disk index", DiskIndexError, v1_magic="memfs-index")
 
 
 # -- packed arrays -------------------------------------------------------------
@@ -126,32 +131,27 @@ class DiskIndex:
 
     # -- serialisation ----------------------------------------------------------
 
-    def dumps(self) -> bytes:
+    def _doc(self) -> bytes:
         return msgpack.packb({
-            "magic": MAGIC, "version": VERSION, "disk": self.disk, "size": self.size,
+            "disk": self.disk, "size": self.size,
             "block_size": BLOCK, "chunk_size": CHUNK, "meta": self.meta,
             "hashes": u64_bytes(self.hashes), "blocks": u64_bytes(self.blocks),
             "chunks": u64_bytes(self.chunks)}, use_bin_type=True)
 
-    @classmethod
-    def loads(cls, data: bytes) -> "DiskIndex":
-        try:
-            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as e:  # msgpack raises many types on garbage
-            raise DiskIndexError(f"not a msgpack disk index: {e}") from None
-        return _from_doc(doc)
+    def dumps(self) -> bytes:
+        return msgfile.dumps(FORMAT, [self._doc()])
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        atomic_write(path, [self.dumps()])
+    @classmethod
+    def loads(cls, data: bytes | bytearray | memoryview) -> "DiskIndex":
+        return _from_doc(msgfile.loads(FORMAT, data))
+
+    def save(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
+        """Write atomically, never through a symbolic link (raises OSError)."""
+        msgfile.write(path, FORMAT, [self._doc()], mode)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "DiskIndex":
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise DiskIndexError(f"cannot read index {os.fspath(path)!r}: "
-                                 f"{e.strerror or e}") from None
+        data = msgfile.read(path, FORMAT)
         try:
             return cls.loads(data)
         except DiskIndexError as e:
@@ -163,14 +163,6 @@ def _get(doc: dict, key: str, typ: type) -> Any:
 
 
 def _from_doc(doc: Any) -> DiskIndex:
-    if not isinstance(doc, dict):
-        raise DiskIndexError("not a disk index (top level is not a map)")
-    if doc.get("magic") != MAGIC:
-        raise DiskIndexError("not a disk index (bad magic)")
-    version = doc.get("version")
-    if version != VERSION:
-        raise DiskIndexError(f"unsupported index version {version!r} "
-                             f"(this memfs reads {VERSION})")
     disk = _get(doc, "disk", str)
     size = _get(doc, "size", int)
     if not 0 <= size <= MAX_DISK:

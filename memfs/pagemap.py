@@ -2,7 +2,9 @@
 
 Pure data.  Per-page fields are packed arrays (one ``bytes`` each in the
 msgpack file), so that 16 Mi pages load and save in well under a second and a
-lying file cannot make us allocate more than the file itself holds.
+lying file cannot make us allocate more than the file itself holds.  The file
+is a msgfile envelope (magic, version, xxh3-128 of the whole content): a
+page map with a single flipped bit is refused, never half-trusted.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from typing import Any, Iterable, Iterator
 import msgpack
 import xxhash
 
-MAGIC = "memfs-pagemap"
-VERSION = 1
+from . import msgfile
+from .fileio import atomic_write  # noqa: F401  (the one atomic_write; kept importable here)
+
+MAGIC = b"MEMFS-PM"
+VERSION = 2
 PAGE_SIZE = 4096
 MAX_DISKS = 255
 MAX_REGIONS = 1024
@@ -31,6 +36,9 @@ class PageMapError(Exception):
     """Raised for every malformed or inconsistent page map."""
 
 
+FORMAT = msgfile.Format(MAGIC, VERSION, "page map", PageMapError, v1_magic="memfs-pagemap")
+
+
 class PageState(IntEnum):
     ZERO = 0    # all zeros: no location, never fetched
     REMOTE = 1  # source bit set: the content is only on a disk
@@ -39,19 +47,6 @@ class PageState(IntEnum):
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_CHECKSUM = xxhash.xxh3_64_intdigest(ZERO_PAGE)
-
-
-def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> None:
-    """Write a file so that a crash leaves the old one or the new one, never a
-    torn one (page maps, disk indexes, traces)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -171,7 +166,7 @@ class PageMap:
         arrays are written straight from memory instead of being copied into
         one growing buffer."""
         pk = msgpack.Packer(use_bin_type=True)
-        head = {"magic": MAGIC, "version": VERSION, "disks": list(self.disks), "meta": self.meta}
+        head = {"disks": list(self.disks), "meta": self.meta}
         yield pk.pack_map_header(len(head) + 1)
         for k, v in head.items():
             yield pk.pack(k) + pk.pack(v)
@@ -185,30 +180,22 @@ class PageMap:
                               else memoryview(r.offsets).cast("B")),
                              ("checksums", memoryview(u64_bytes(r.checksums)) if not _LITTLE
                               else memoryview(r.checksums).cast("B"))):
-                yield pk.pack(key) + b"\xc6" + len(buf).to_bytes(4, "big")
-                yield buf
+                yield from msgfile.iter_bin(pk, key, buf)
 
     def dumps(self) -> bytes:
-        return b"".join(self._chunks())
+        return msgfile.dumps(FORMAT, self._chunks())
 
     @classmethod
-    def loads(cls, data: bytes) -> "PageMap":
-        try:
-            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as e:  # msgpack raises many types on garbage
-            raise PageMapError(f"not a msgpack page map: {e}") from None
-        return _from_doc(doc)
+    def loads(cls, data: bytes | bytearray | memoryview) -> "PageMap":
+        return _from_doc(msgfile.loads(FORMAT, data))
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        atomic_write(path, self._chunks())
+    def save(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
+        """Write atomically, never through a symbolic link (raises OSError)."""
+        msgfile.write(path, FORMAT, self._chunks(), mode)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PageMap":
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise PageMapError(f"cannot read page map {os.fspath(path)!r}: {e.strerror}") from None
+        data = msgfile.read(path, FORMAT)
         try:
             return cls.loads(data)
         except PageMapError as e:
@@ -244,13 +231,6 @@ def get_field(d: dict, key: str, typ: type, where: str,
 
 
 def _from_doc(doc: Any) -> PageMap:
-    if not isinstance(doc, dict):
-        raise PageMapError("not a page map (top level is not a map)")
-    if doc.get("magic") != MAGIC:
-        raise PageMapError("not a page map (bad magic)")
-    version = doc.get("version")
-    if version != VERSION:
-        raise PageMapError(f"unsupported page map version {version!r} (this memfs reads {VERSION})")
     disks = get_field(doc, "disks", list, "page map")
     if len(disks) > MAX_DISKS or not all(isinstance(u, str) and u for u in disks):
         raise PageMapError("page map: bad disks table")

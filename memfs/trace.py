@@ -2,7 +2,8 @@
 
 A later mount of the same image fetches these pages first (the REAP and
 FaaSnap idea): a guest that resumes tends to touch what it touched before.
-Stored as msgpack with packed uint32 page arrays, validated like page maps.
+Stored as msgpack with packed uint32 page arrays in a msgfile envelope
+(magic, version, checksum of the whole content), validated like page maps.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from array import array
 
 import msgpack
 
-from .pagemap import atomic_write
+from . import msgfile
 
-MAGIC = "memfs-trace"
-VERSION = 1
+MAGIC = b"MEMFS-TR"
+VERSION = 2
 MAX_ENTRIES = 1 << 32
 
 
 class TraceError(Exception):
     """A trace file is unreadable or malformed."""
+
+
+FORMAT = msgfile.Format(MAGIC, VERSION, "trace", TraceError, v1_magic="memfs-trace",
+                        not_a="trace")
 
 
 def pack_pages(pages: "list[int] | array") -> bytes:
@@ -65,24 +70,20 @@ class Trace:
     def __len__(self) -> int:
         return sum(len(a) for a in self.order.values())
 
-    def dumps(self) -> bytes:
+    def _doc(self) -> bytes:
         regions = {name: pack_pages(a) for name, a in self.order.items()}
-        return msgpack.packb({"magic": MAGIC, "version": VERSION, "regions": regions},
-                             use_bin_type=True)
+        return msgpack.packb({"regions": regions}, use_bin_type=True)
 
-    def save(self, path: str) -> None:
-        atomic_write(path, [self.dumps()])
+    def dumps(self) -> bytes:
+        return msgfile.dumps(FORMAT, [self._doc()])
+
+    def save(self, path: str, mode: int = 0o600) -> None:
+        """Write atomically, never through a symbolic link (raises OSError)."""
+        msgfile.write(path, FORMAT, [self._doc()], mode)
 
     @classmethod
-    def loads(cls, data: bytes) -> "Trace":
-        try:
-            doc = msgpack.unpackb(data, raw=False)
-        except Exception as e:
-            raise TraceError(f"not a trace: {e}") from None
-        if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
-            raise TraceError("not a trace (bad magic)")
-        if doc.get("version") != VERSION:
-            raise TraceError(f"unsupported trace version {doc.get('version')!r}")
+    def loads(cls, data: bytes | bytearray | memoryview) -> "Trace":
+        doc = msgfile.loads(FORMAT, data)
         regions = doc.get("regions")
         if not isinstance(regions, dict):
             raise TraceError("trace: 'regions' should be a map")
@@ -107,9 +108,8 @@ class Trace:
 
     @classmethod
     def load(cls, path: str) -> "Trace":
+        data = msgfile.read(path, FORMAT)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise TraceError(f"cannot read trace {path}: {e.strerror}") from None
-        return cls.loads(data)
+            return cls.loads(data)
+        except TraceError as e:
+            raise TraceError(f"{path}: {e}") from None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memfs.pagemap import (MAGIC, PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState,
+from memfs import msgfile
+from memfs.pagemap import (FORMAT, PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState,
                            Region, checksum)
 
 
@@ -42,12 +45,15 @@ def test_empty_region_checksums_are_zero_page() -> None:
 
 
 def doc() -> dict:
-    return msgpack.unpackb(sample_map().dumps())
+    return msgfile.loads(FORMAT, sample_map().dumps())
+
+
+def pack(d: object) -> bytes:
+    """``d`` in a valid envelope: what the field checks see past the checksum."""
+    return msgfile.dumps(FORMAT, [msgpack.packb(d)])
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(magic="nope"), "bad magic"),
-    (lambda d: d.update(version=99), "unsupported page map version 99"),
     (lambda d: d.pop("regions"), "missing 'regions'"),
     (lambda d: d["regions"][0].update(size=4097), "not a positive multiple"),
     (lambda d: d["regions"][0].update(name="../etc"), "bad region name"),
@@ -66,12 +72,87 @@ def test_malformed_maps_say_what_is_wrong(mutate, message) -> None:
     d = doc()
     mutate(d)
     with pytest.raises(PageMapError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        PageMap.loads(msgpack.packb(d))
+        PageMap.loads(pack(d))
 
 
 def test_missing_file_is_a_page_map_error(tmp_path) -> None:
-    with pytest.raises(PageMapError, match="cannot read page map"):
+    with pytest.raises(PageMapError, match="cannot read page map .*absent: No such file"):
         PageMap.load(tmp_path / "absent")
+
+
+def test_envelope_magic_version_and_old_files() -> None:
+    good = sample_map().dumps()
+    with pytest.raises(PageMapError, match=r"^not a msgpack page map \(bad magic\)$"):
+        PageMap.loads(b"MEMFS-TR" + good[8:])
+    with pytest.raises(PageMapError, match=r"^unsupported page map version 99 \(this memfs "
+                                           r"reads 2\)$"):
+        PageMap.loads(good[:8] + (99).to_bytes(4, "little") + good[12:])
+    v1 = msgpack.packb({"magic": "memfs-pagemap", "version": 1, **doc()})
+    with pytest.raises(PageMapError, match=r"^a version 1 page map \(no checksum\), written by "
+                                           r"an older memfs: this memfs reads version 2 only; "
+                                           r"make it again$"):
+        PageMap.loads(v1)
+    with pytest.raises(PageMapError, match="truncated or has trailing bytes"):
+        PageMap.loads(good + b"\0")
+
+
+def field_spans(data: bytes) -> dict[str, tuple[int, int]]:
+    """Where each part of a saved page map lies in the file: the header,
+    the disks table, meta, and each per-page array of region ram0."""
+    r = sample_map().regions[0]
+    spans = {"magic": (0, 8), "version": (8, 12), "reserved": (12, 16), "length": (16, 24),
+             "checksum": (24, 40)}
+    for name, raw in (("states", bytes(r.states)), ("offsets", r.offsets.tobytes()),
+                      ("checksums", r.checksums.tobytes())):
+        at = data.index(raw)
+        spans[name] = (at, at + len(raw))
+    at = data.index(b"\xa5disks")  # the first "disks" key: the disks table
+    spans["disks table"] = (at, data.index(b"\xa4meta"))
+    spans["meta"] = (data.index(b"\xa4meta"), data.index(b"\xa7regions"))
+    at = data.index(b"\xa5disks", spans["states"][1])  # the region's per-page disks
+    spans["page disks"] = (at + 11, at + 11 + r.npages)  # key, bin32 header, bytes
+    spans["region header"] = (data.index(b"\xa4name"), spans["states"][0])
+    return spans
+
+
+def test_a_single_bit_flip_anywhere_is_refused(tmp_path) -> None:
+    """Every bit of every byte, in every field: header, disks table, meta,
+    states, per-page disks, offsets, checksums.  One flip is never loaded."""
+    pm = sample_map()
+    pm.meta = {"volume": "/srv/vol", "created": 1.5}
+    path = tmp_path / "pm"
+    pm.save(path)
+    good = path.read_bytes()
+    spans = field_spans(good)
+    assert len(spans) == 12 and all(a < b for a, b in spans.values()), spans
+    refused = {name: 0 for name in spans}
+    for pos in range(len(good)):
+        for bit in range(8):
+            bad = bytearray(good)
+            bad[pos] ^= 1 << bit
+            with pytest.raises(PageMapError) as e:
+                PageMap.loads(bytes(bad))
+            assert not str(e.value).startswith("region")  # caught before any field check
+            for name, (a, b) in spans.items():
+                refused[name] += a <= pos < b
+    assert all(n >= 8 for n in refused.values()), refused
+    # from a file: the error names it; a remote page made a zero page is refused
+    bad = bytearray(good)
+    bad[spans["states"][0] + 1] ^= PageState.REMOTE
+    path.write_bytes(bad)
+    with pytest.raises(PageMapError, match=f"^{path}: page map checksum mismatch: the file "
+                                           "is corrupt$"):
+        PageMap.load(path)
+
+
+def test_saved_file_is_private_under_umask_0(tmp_path) -> None:
+    old = os.umask(0)
+    try:
+        sample_map().save(tmp_path / "pm")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "pm").st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path) == ["pm"]
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
@@ -94,22 +175,42 @@ def test_every_truncation_is_rejected(cut: int) -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.integers(0, len(VALID) - 1), st.integers(0, 255))
-def test_flipped_bytes_are_rejected_or_still_consistent(pos: int, value: int) -> None:
+@given(st.integers(0, len(VALID) - 1), st.integers(1, 255))
+def test_changed_bytes_are_rejected(pos: int, xor: int) -> None:
     data = bytearray(VALID)
-    data[pos] = value
-    try:
-        pm = PageMap.loads(bytes(data))
-    except PageMapError:
-        return
-    for r in pm.regions:  # whatever loaded is internally consistent
-        assert len(r.states) == len(r.disks) == len(r.offsets) == len(r.checksums) == r.npages
-        assert all(s in (0, 1, 2) for s in r.states)
+    data[pos] ^= xor
+    with pytest.raises(PageMapError):
+        PageMap.loads(bytes(data))
 
 
 def test_lying_length_does_not_allocate() -> None:
-    # a bin32 header that claims 4 GiB of states
-    head = msgpack.packb({"magic": MAGIC, "version": 1, "disks": [], "regions": [{"name": "r"}]})
-    lying = head[:-1] + b"\xc6\xff\xff\xff\xff"
-    with pytest.raises(PageMapError):
+    # a bin32 header that claims 4 GiB of states, in a valid envelope
+    head = msgpack.packb({"disks": [], "regions": [{"name": "r"}]})
+    lying = msgfile.dumps(FORMAT, [head[:-1] + b"\xc6\xff\xff\xff\xff"])
+    with pytest.raises(PageMapError, match="not a msgpack page map"):
         PageMap.loads(lying)
+
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.binary(max_size=40)
+    | st.text(max_size=12) | st.floats(),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["disks", "meta", "regions"]), VALUES),
+       st.lists(st.dictionaries(st.sampled_from(["name", "size", "page_size", "states",
+                                                 "disks", "offsets", "checksums"]),
+                                VALUES | st.integers(0, 1 << 20)), max_size=3))
+def test_well_formed_envelope_odd_documents(top: dict, regions: list) -> None:
+    """Past the checksum, a crafted document still meets the field checks."""
+    top = dict(top)
+    if regions:
+        top["regions"] = regions
+    try:
+        pm = PageMap.loads(pack(top))
+    except PageMapError:
+        return
+    for r in pm.regions:
+        assert len(r.states) == len(r.disks) == len(r.offsets) == len(r.checksums) == r.npages
