@@ -11,10 +11,12 @@ import argparse
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+import traceback
+from typing import Any, Callable, NoReturn, Sequence
 
 import trio
 
@@ -23,19 +25,32 @@ from .capture import CaptureError, capture, parse_ram_args
 from .daemon import Daemon, MountError, MountOptions, check_mountpoint
 from .disks import DiskError
 from .pagemap import PageMap, PageMapError
-from .report import render_stats, parse_size
+from .report import error_line, is_expected, parse_size, render_stats, unwrap
 from .trace import Trace, TraceError
 
 log = logging.getLogger("memfs")
+
+#: where daemons log by default: 0700, files 0600
+RUN_DIR = "/run/memfs"
 
 
 class UsageError(Exception):
     pass
 
 
+def open_log(path: str) -> Any:
+    """A log file that only its owner reads (paths and pids are in it), opened
+    without following a link at its name."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a", buffering=1)
+
+
 def setup_logging(debug: bool, logfile: str | None = None) -> None:
-    handler: logging.Handler = (logging.FileHandler(logfile) if logfile
-                                else logging.StreamHandler(sys.stderr))
+    handler: logging.Handler = logging.StreamHandler(open_log(logfile) if logfile
+                                                     else sys.stderr)
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"))
     root = logging.getLogger()
@@ -94,6 +109,26 @@ def cmd_capture_from_mount(a: argparse.Namespace) -> int:
 
 # -- mount -----------------------------------------------------------------------
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ValueError("not an octal file mode (000 to 777)")
+    return mode
+
+
+def _option(flag: str, parse: Callable[[str], Any], text: str | None) -> Any:
+    """A parsed option value; a value that does not parse is a usage error."""
+    if not text:
+        return None
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise UsageError(f"{flag} {text}: {e}") from None
+
+
 def mount_options(a: argparse.Namespace) -> MountOptions:
     pm = PageMap.load(a.pagemap) if a.pagemap else None
     regions: dict[str, int] = {}
@@ -115,20 +150,24 @@ def mount_options(a: argparse.Namespace) -> MountOptions:
         mountpoint=os.path.abspath(a.mountpoint), pagemap=pm, regions=regions,
         store_dir=a.store, allow_other=a.allow_other, debug_fuse=a.debug_fuse,
         read_ahead_kb=a.read_ahead_kb, max_read=a.max_read, fetch_retries=a.retries,
-        mode=int(a.mode, 8), bdi_max_ratio=a.bdi_max_ratio,
+        mode=_option("--mode", _octal_mode, a.mode), bdi_max_ratio=a.bdi_max_ratio,
         bdi_strict_limit=a.bdi_strict_limit, prefetch=not a.no_prefetch, push=not a.no_push,
-        prefetch_rate=parse_size(a.prefetch_rate) if a.prefetch_rate else None,
+        prefetch_rate=_option("--prefetch-rate", parse_size, a.prefetch_rate),
         prefetch_trace=a.prefetch_trace, trace_out=a.trace_out,
         pagemap_path=os.path.abspath(a.pagemap) if a.pagemap else None,
         new=bool(a.new), volume=a.volume,
-        sync_rate=parse_size(a.sync_rate) if a.sync_rate else None,
-        sync_paused=a.sync_paused)
+        sync_rate=_option("--sync-rate", parse_size, a.sync_rate),
+        sync_paused=a.sync_paused, sync_interval=a.sync_interval,
+        control_dirs=[os.path.abspath(d) for d in a.control_dir or []])
 
 
 def cmd_mount(a: argparse.Namespace) -> int:
     if a.pagemap and not os.path.isfile(a.pagemap) and os.path.isdir(a.pagemap) \
             and a.mountpoint is None:
         a.pagemap, a.mountpoint = None, a.pagemap
+    if a.state or a.supervise or a.resume:  # a connection that outlives the daemon
+        from . import supervisor
+        return supervisor.mount(a, mount_options, check_mountpoint)
     if a.mountpoint is None:
         raise UsageError("no mount point given")
     opts = mount_options(a)
@@ -145,8 +184,15 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 def _daemonize(opts: MountOptions, a: argparse.Namespace) -> int:
     logfile = a.log or os.path.join(
-        "/run/memfs", opts.mountpoint.strip("/").replace("/", "-") + ".log")
-    os.makedirs(os.path.dirname(logfile), exist_ok=True)
+        RUN_DIR, opts.mountpoint.strip("/").replace("/", "-") + ".log")
+    if not a.log:
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        st = os.lstat(RUN_DIR)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise UsageError(f"{RUN_DIR} is not a directory of uid {os.getuid()}: not logging "
+                             "there (give --log FILE)")
+        os.chmod(RUN_DIR, 0o700)
+    open_log(logfile).close()  # a bad log path is an error here, not a silent daemon death
     r, w = os.pipe()
     pid = os.fork()
     if pid:
@@ -202,27 +248,12 @@ def cmd_save(a: argparse.Namespace) -> int:
 
 
 def cmd_umount(a: argparse.Namespace) -> int:
-    mp = os.path.abspath(a.mountpoint)
-    try:
-        with open(control.meta_path(mp, "pid")) as f:
-            pid = int(f.read())
-    except (OSError, ValueError):
-        print(f"memfs: {mp} is not a memfs mount", file=sys.stderr)
-        return 1
-    res = subprocess.run(["fusermount3", "-u"] + (["-z"] if a.lazy else []) + [mp],
-                         capture_output=True, text=True)
-    if res.returncode:
-        print(f"memfs: unmount failed: {res.stderr.strip()}", file=sys.stderr)
-        return 1
-    deadline = time.monotonic() + a.timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return 0
-        time.sleep(0.05)
-    print(f"memfs: daemon {pid} still running after {a.timeout}s", file=sys.stderr)
-    return 1
+    """Stop the daemon (it stops its prefetch and unmounts), or clean up after
+    a dead one; refused while a process maps a region (control.umount)."""
+    did = control.umount(a.mountpoint, force=a.force, timeout=a.timeout)
+    if did:
+        print(f"memfs: {did}")
+    return 0
 
 
 
@@ -246,7 +277,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memfs", description="Lazy guest RAM for live migration.")
+    p = _Parser(prog="memfs", description="Lazy guest RAM for live migration.")
     p.add_argument("--version", action="version", version=f"memfs {__version__}")
     p.add_argument("--debug", action="store_true", help="verbose logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -284,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(memfs capture --from-mount, memfs migrate)")
     m.add_argument("--sync-rate", metavar="BYTES/S",
                    help="limit that background copy (e.g. 100M; control: sync-rate)")
+    m.add_argument("--sync-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between background passes: write-back, then copy (1)")
     m.add_argument("--sync-paused", action="store_true",
                    help="start with the background copy paused (control: sync-resume)")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
@@ -291,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true", help="let other users (qemu) in")
     m.add_argument("--mode", default="600", help="octal mode of region files (600)")
     m.add_argument("--store", metavar="DIR", help="local store directory (default: temporary)")
+    m.add_argument("--state", metavar="DIR",
+                   help="keep the mount's state (page map, journal, store) in DIR and hold "
+                        "its FUSE connection in a supervisor that restarts a dead daemon")
+    m.add_argument("--supervise", action="store_true",
+                   help="--state in /var/lib/memfs/<mount point>")
+    m.add_argument("--resume", metavar="STATE",
+                   help="continue the mount whose state is STATE: restart its daemon "
+                        "(live upgrade) if its supervisor runs, else mount it again")
     m.add_argument("--read-ahead-kb", type=int, metavar="KB", help="bdi read-ahead")
     m.add_argument("--max-read", type=int, metavar="BYTES", help="largest READ the kernel sends")
     m.add_argument("--bdi-max-ratio", type=int, metavar="PCT", default=50,
@@ -309,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--trace-out", metavar="FILE",
                    help="where the working-set trace goes at unmount (PAGEMAP.trace)")
     m.add_argument("--log", metavar="FILE", help="log file (daemon default /run/memfs/…)")
+    m.add_argument("--control-dir", action="append", metavar="DIR",
+                   help="the only directory control commands (save, trace, flush) may write "
+                        "to; repeat for more (default: the page map's and the store's, and "
+                        "directories only root or the owner can write)")
     m.set_defaults(func=cmd_mount)
 
     lo = sub.add_parser("load", help="hand a page map to a waiting mount")
@@ -323,7 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
     u.add_argument("mountpoint")
-    u.add_argument("-z", "--lazy", action="store_true", help="lazy unmount")
+    u.add_argument("-z", "--lazy", action="store_true",
+                   help="accepted for compatibility: memfs always detaches lazily once "
+                        "nothing maps a region")
+    u.add_argument("--force", action="store_true",
+                   help="unmount even while a process maps a region (it gets SIGBUS)")
     u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
     u.set_defaults(func=cmd_umount)
 
@@ -355,19 +404,41 @@ def _load_extras() -> None:
             _EXTRA_COMMANDS.append(module.add_parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"memfs: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Expected failures (OSError, any layer's error type) are one line
+    ``memfs: …`` and exit status 1, usage errors 2; anything else is a bug
+    and keeps its traceback."""
     _load_extras()
     a = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         setup_logging(a.debug)
     try:
         return a.func(a)
-    except (UsageError, MountError, PageMapError, CaptureError, DiskError, TraceError,
-            control.ControlError) as e:
-        print(f"memfs: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as group:
+        e = unwrap(group)
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        if isinstance(e, UsageError):
+            print(f"memfs: {error_line(e)}", file=sys.stderr)
+            return 2
+        if is_expected(e):
+            print(f"memfs: {error_line(e)}", file=sys.stderr)
+            return 1
+        if not isinstance(e, Exception):
+            raise
+        traceback.print_exception(group)
+        print(f"memfs: BUG: unexpected {type(e).__name__}: {error_line(e)} (the traceback "
+              "above; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

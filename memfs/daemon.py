@@ -69,6 +69,8 @@ class MountOptions:
     sync_rate: float | None = None
     #: start with the background copy paused
     sync_paused: bool = False
+    #: seconds between background write-back + copy passes
+    sync_interval: float = 1.0
     #: the only directories control commands (save, trace, flush) may write
     #: to; empty: the page map's, the store's, and directories only root or
     #: the mount's owner can write
@@ -295,7 +297,8 @@ class Daemon:
             raise ValueError(f"volume {uri} is a disk of the page map: copying pages there "
                              "would overwrite what its remote pages refer to")
         volume = await self._open_volume(uri)
-        self.sync = VolumeSync(self.pages, volume, self.stats, rate=self.opts.sync_rate)
+        self.sync = VolumeSync(self.pages, volume, self.stats, self.fsync_regions,
+                               rate=self.opts.sync_rate, interval=self.opts.sync_interval)
         self.sync.paused = self.opts.sync_paused
         self._nursery.start_soon(self.sync.run, name="sync")
         log.info("written pages go to volume %s", uri)

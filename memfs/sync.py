@@ -10,6 +10,12 @@ it came from.  The final pass costs what the guest dirtied, not its RAM size.
 
 Layout on the volume: the identity layout of capture (region i at the sum of
 the sizes before it, each rounded to 1 MiB; page p at ``voff + p * 4096``).
+The daemon learns of a dirty page only when the kernel writes it back, which
+it does on its own only after ``vm.dirty_expire_centisecs`` (30 s); so each
+background pass first asks for write-back (``fsync`` of the regions, from a
+worker thread).  That write-protects the guest's pages again: its next write
+to each costs a page fault — the price of a short final pass.
+
 A page copied twice lands at the same place, so a page map made from a mount
 refers to data that stays put only while the guest does not run (invariant
 6): ``flush`` is meant for a stopped guest, as migrate and snapshot use it.
@@ -25,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from array import array
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import trio
 
@@ -57,10 +63,16 @@ class VolumeSync:
     """Copies dirty pages of a ``PageServer`` to ``volume``."""
 
     def __init__(self, pages: "PageServer", volume: Disk, stats: "Stats",
-                 rate: float | None = None) -> None:
+                 writeback: Callable[[], Awaitable[None]], rate: float | None = None,
+                 interval: float = 1.0) -> None:
         self.pages = pages
         self.volume = volume
         self.stats = stats
+        #: makes the kernel send the regions' dirty pages (fsync): without it
+        #: they wait for the kernel's own write-back, up to 30 s
+        self.writeback = writeback
+        #: seconds between two background passes
+        self.interval = interval
         #: bytes per second for the background copy; None: as fast as it goes
         self.rate = rate
         self.paused = False
@@ -69,6 +81,7 @@ class VolumeSync:
         self.voff = dict(zip(names, offs))
         self.volume_end = offs[-1]
         self.passes = 0
+        self.writebacks = 0
         self._lock = trio.Lock()
         #: while not None: the pages copied, per region (flush reports them)
         self.record: dict[str, list[int]] | None = None
@@ -77,21 +90,24 @@ class VolumeSync:
 
     def _gauges(self) -> dict[str, object]:
         return {"sync_paused": int(self.paused), "sync_rate": int(self.rate or 0),
-                "sync_passes": self.passes, "sync_volume": self.volume.uri}
+                "sync_passes": self.passes, "sync_volume": self.volume.uri,
+                "sync_writebacks": self.writebacks}
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        """The background task: copy while anything is dirty and not paused."""
+        """The background task: every ``interval``, unless paused, write back
+        and copy what is dirty."""
         while True:
-            if self.paused or not self.pages.dirty.count:
-                self._wake = trio.Event()
-                with trio.move_on_after(1.0):
-                    await self._wake.wait()
-                continue
-            await self.copy_dirty(limited=True)
-            await trio.sleep(0.05)  # let write-back batch up
+            t0 = time.monotonic()
+            if not self.paused:
+                await self.writeback()
+                self.writebacks += 1
+                await self.copy_dirty(limited=True)
+            self._wake = trio.Event()
+            with trio.move_on_after(max(0.0, t0 + self.interval - time.monotonic())):
+                await self._wake.wait()
 
     async def copy_dirty(self, limited: bool = False) -> int:
         """Copy every page dirty now; return how many were copied.  With
