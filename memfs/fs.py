@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import time
+import zlib
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
@@ -94,12 +95,18 @@ class MemFS(pyfuse3.Operations):
         names.extend(SPECIAL_FILES)
         for n in sorted(set(names)):
             if n not in self.meta_inode:
-                ino = META_BASE + len(self.meta_inode)
+                # a function of the name: a successor daemon (memfs.takeover)
+                # must give the inodes the kernel already knows the same meaning
+                ino = META_BASE + zlib.crc32(n.encode()) % (1 << 30)
+                while ino in self.inode_meta:
+                    ino += 1
                 self.meta_inode[n] = ino
                 self.inode_meta[ino] = n
         return sorted(set(names))
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        if inode >= META_BASE and inode not in self.inode_meta:
+            self.meta_names()  # known to an earlier daemon
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.st_uid, a.st_gid = self.uid, self.gid
@@ -198,12 +205,23 @@ class MemFS(pyfuse3.Operations):
         name = self.inode_meta[inode]
         if flags & os.O_ACCMODE != os.O_RDONLY and name != "control":
             raise pyfuse3.FUSEError(errno.EACCES)
-        fh = META_BASE + self._next_fh
+        fh = (self._next_fh << 32) | inode  # names its file, for a successor
         self._next_fh += 1
         # The content is fixed at open so that a reader sees one consistent
         # value even across several READs; direct_io so it is never cached.
         self._open_meta[fh] = self._meta_content(name).encode()
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
+
+    def _meta_data(self, fh: int) -> bytes | None:
+        """An open ``.memfs`` file's content; one opened under an earlier
+        daemon (memfs.takeover) is read afresh: its handle names its inode."""
+        data = self._open_meta.get(fh)
+        if data is None and fh >> 32:
+            self.meta_names()
+            name = self.inode_meta.get(fh & 0xFFFFFFFF)
+            if name is not None:
+                data = self._open_meta[fh] = self._meta_content(name).encode()
+        return data
 
     def _meta_content(self, name: str) -> str:
         if name == "control":
@@ -218,7 +236,7 @@ class MemFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh in self.inode_region:
             return await self.pages.read(self.inode_region[fh], off, size)
-        data = self._open_meta.get(fh)
+        data = self._meta_data(fh)
         if data is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         return data[off:off + size]
@@ -227,7 +245,7 @@ class MemFS(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh in self.inode_region:
             return await self.pages.write(self.inode_region[fh], off, buf)
-        if fh not in self._open_meta:
+        if self._meta_data(fh) is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         for line in buf.decode(errors="replace").splitlines():
             if line.strip():
