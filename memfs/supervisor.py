@@ -1,0 +1,508 @@
+"""The supervisor: holds a mount's FUSE connection and (re)starts its daemon.
+
+``memfs mount --state DIR`` (or ``--supervise``) runs this process instead
+of a bare daemon.  It mounts /dev/fuse itself and keeps the descriptor and
+the kernel's INIT (memfs.takeover explains how a daemon gets past libfuse's
+INIT and why it sends FUSE_NOTIFY_RESEND), then runs the daemon as a child
+process that inherits the descriptor.  When the daemon dies (SIGKILL, a
+crash, the OOM killer) the supervisor starts another on the same
+connection: readers wait instead of getting SIGBUS, the requests the dead
+one had taken are sent again, and the page states come back from the state
+directory (memfs.state).  The same switch is a live upgrade: ``memfs mount
+--resume DIR`` while the supervisor runs, ``restart`` on its control socket
+(DIR/supervisor.sock) or SIGUSR2 starts a new daemon, kills the old one and
+lets the new one take over.
+
+To keep the pause short a *standby* daemon is always started ahead: Python,
+pyfuse3 and trio are loaded and it waits for "go".  Only what must come
+after the old daemon is gone (reading the journal, loading the page map)
+happens during the switch.
+
+Child protocol (SOCK_SEQPACKET): child -> ``prepared``; supervisor ->
+``G`` + flags + the kernel's INIT; child -> ``ready`` once it serves, or
+``error MESSAGE``.  Flags: bit 0 resend (not the first daemon of this
+connection), bit 1 resumed (an earlier daemon served pages of this state).
+
+The supervisor ends when the connection does (unmounted: /dev/fuse polls
+POLLERR).  SIGTERM/SIGINT/SIGHUP are passed to the daemon, which unmounts
+only if no process maps a region (the daemon's own rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+from .state import State, StateError, default_dir
+from .takeover import TakeoverError, Takeover, connection_alive, detach, mount_fuse, read_init
+
+log = logging.getLogger("memfs.supervisor")
+
+F_RESEND, F_RESUMED = 1, 2
+SOCKET = "supervisor.sock"
+
+
+class SupervisorError(Exception):
+    """The supervised mount could not be set up or reached."""
+
+
+@dataclass
+class Child:
+    proc: subprocess.Popen
+    chan: socket.socket
+    pidfd: int
+    started: float
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+        self.close()
+
+    def close(self) -> None:
+        self.chan.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class Supervisor:
+    def __init__(self, state: State, fuse_fd: int, init_msg: bytes, *, resumed: bool,
+                 log_path: str | None, debug: bool) -> None:
+        self.state = state
+        self.fuse_fd = fuse_fd
+        self.init_msg = init_msg
+        self.resumed = resumed
+        self.log_path = log_path
+        self.debug = debug
+        self.current: Child | None = None
+        self.standby: Child | None = None
+        self.initialized = False  # some daemon answered the INIT
+        self.restarts = 0
+        self.stalls: list[float] = []
+        self._quick_deaths = 0
+
+    # -- children ---------------------------------------------------------------
+
+    def spawn(self) -> Child:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "memfs.supervisor", "--state", self.state.path,
+                "--fuse-fd", str(self.fuse_fd), "--chan", str(theirs.fileno())]
+        if self.log_path:
+            argv += ["--log", self.log_path]
+        if self.debug:
+            argv.append("--debug")
+        proc = subprocess.Popen(argv, pass_fds=(self.fuse_fd, theirs.fileno()),
+                                start_new_session=True, stdin=subprocess.DEVNULL)
+        theirs.close()
+        return Child(proc, ours, os.pidfd_open(proc.pid), time.monotonic())
+
+    def _message(self, child: Child, timeout: float) -> bytes:
+        """The child's next message; SupervisorError if it dies or is silent."""
+        p = select.poll()
+        p.register(child.chan, select.POLLIN)
+        p.register(child.pidfd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SupervisorError(f"daemon {child.proc.pid} did not answer in {timeout:g}s")
+            for fd, _ in p.poll(left * 1000):
+                if fd == child.chan.fileno():
+                    msg = child.chan.recv(1 << 16)
+                    if msg:
+                        return msg
+                child.proc.wait()
+                raise SupervisorError(f"daemon {child.proc.pid} exited with status "
+                                      f"{child.proc.returncode}")
+
+    def switch(self, why: str) -> float:
+        """Start (or promote) a daemon on the connection; the old one, if
+        alive, is killed first.  Returns how long the mount had no daemon."""
+        new = self.standby
+        self.standby = None
+        if new is None or not new.alive():
+            if new is not None:
+                new.close()
+            new = self.spawn()
+        try:
+            msg = self._message(new, 60)
+            if msg != b"prepared":
+                raise SupervisorError(f"daemon {new.proc.pid}: {msg.decode(errors='replace')}")
+        except BaseException:
+            new.kill()
+            raise
+        t0 = time.monotonic()
+        old = self.current
+        if old is not None:
+            if old.alive():
+                log.info("%s: stopping daemon %d", why, old.proc.pid)
+            old.kill()
+            t0 = min(t0, getattr(old, "died_at", t0))
+        flags = (F_RESEND if self.initialized else 0) | \
+            (F_RESUMED if (self.resumed or self.initialized) else 0)
+        new.chan.send(b"G" + bytes([flags]) + self.init_msg)
+        self.current = new
+        try:
+            msg = self._message(new, 120)
+        except SupervisorError:
+            raise
+        if not msg.startswith(b"ready"):
+            new.kill()
+            self.current = None
+            raise SupervisorError(msg.decode(errors="replace").removeprefix("error "))
+        stall = time.monotonic() - t0
+        if self.initialized:
+            self.restarts += 1
+            self.stalls.append(stall)
+            log.warning("%s: daemon %d took over the connection in %.0f ms (restart %d)",
+                        why, new.proc.pid, stall * 1000, self.restarts)
+        self.initialized = True
+        self.standby = self.spawn()
+        return stall
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self, ready: Callable[[str], None] = lambda _: None) -> int:
+        """Serve until the connection ends; ``ready`` gets the daemon's pid."""
+        sock_path = os.path.join(self.state.path, SOCKET)
+        try:
+            os.unlink(sock_path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o077)
+        try:
+            listener.bind(sock_path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(4)
+        wake_r, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(sig, lambda *_: None)
+        try:
+            try:
+                self.switch("start")
+            except SupervisorError:
+                detach(self.state.mountpoint)
+                raise
+            assert self.current is not None
+            ready(str(self.current.proc.pid))
+            return self._loop(listener, wake_r)
+        finally:
+            signal.set_wakeup_fd(-1)
+            listener.close()
+            try:
+                os.unlink(sock_path)
+            except OSError:
+                pass
+            for c in (self.standby, self.current):
+                if c is not None:
+                    c.kill()
+
+    def _loop(self, listener: socket.socket, wake: socket.socket) -> int:
+        while True:
+            cur = self.current
+            assert cur is not None
+            p = select.poll()
+            p.register(self.fuse_fd, 0)  # POLLERR only: the connection is gone
+            p.register(listener, select.POLLIN)
+            p.register(wake, select.POLLIN)
+            p.register(cur.pidfd, select.POLLIN)
+            for fd, ev in p.poll():
+                if fd == self.fuse_fd:
+                    log.info("the connection of %s ended; stopping", self.state.mountpoint)
+                    cur.proc.wait(timeout=30)
+                    return 0
+                if fd == wake.fileno():
+                    self._signals(wake)
+                elif fd == listener.fileno():
+                    self._control(listener)
+                elif fd == cur.pidfd:
+                    self._died(cur)
+
+    def _died(self, cur: Child) -> None:
+        cur.proc.wait()
+        cur.died_at = time.monotonic()  # type: ignore[attr-defined]
+        if not connection_alive(self.fuse_fd):
+            return  # unmounted: the loop sees POLLERR next
+        lived = time.monotonic() - cur.started
+        log.error("daemon %d died (status %s) after %.1fs; restarting it",
+                  cur.proc.pid, cur.proc.returncode, lived)
+        self._quick_deaths = self._quick_deaths + 1 if lived < 2 else 0
+        while True:
+            if self._quick_deaths > 3:
+                time.sleep(1.0)  # a daemon that cannot start: do not spin
+            try:
+                self.switch("daemon died")
+                return
+            except SupervisorError as e:
+                log.error("restart failed: %s; trying again", e)
+                self._quick_deaths += 1
+
+    def _signals(self, wake: socket.socket) -> None:
+        for b in wake.recv(64):
+            cur = self.current
+            if b == signal.SIGUSR2:
+                try:
+                    self.switch("SIGUSR2 (upgrade)")
+                except SupervisorError as e:
+                    log.error("upgrade failed: %s", e)
+            elif cur is not None and cur.alive():
+                log.info("signal %d: passed to daemon %d", b, cur.proc.pid)
+                cur.proc.send_signal(signal.SIGTERM)
+
+    def _control(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid not in (0, os.geteuid()):
+                conn.sendall(b"error permission denied\n")
+                return
+            try:
+                line = conn.recv(256).decode(errors="replace").strip()
+            except OSError:
+                return
+            try:
+                if line == "restart":
+                    stall = self.switch("restart requested")
+                    reply = f"ok pid={self.current.proc.pid} stall_ms={stall * 1000:.0f}"  # type: ignore[union-attr]
+                elif line == "status":
+                    reply = "ok " + json.dumps(self.status())
+                else:
+                    reply = f"error unknown command {line!r} (known: restart, status)"
+            except SupervisorError as e:
+                reply = f"error {e}"
+            try:
+                conn.sendall(reply.encode() + b"\n")
+            except OSError:
+                pass
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": self.current.proc.pid if self.current else None,
+                "supervisor": os.getpid(), "restarts": self.restarts,
+                "stall_ms": [round(s * 1000) for s in self.stalls],
+                "mountpoint": self.state.mountpoint}
+
+
+def ask(state_dir: str, line: str, timeout: float = 120) -> str:
+    """Send one command to a running supervisor; its reply line."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(os.path.join(state_dir, SOCKET))
+    except OSError as e:
+        raise SupervisorError(f"no supervisor answers in {state_dir}: {e.strerror}") from None
+    with s:
+        s.sendall(line.encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    text = reply.decode(errors="replace").strip()
+    if not text.startswith("ok"):
+        raise SupervisorError(text.removeprefix("error ") or "no reply from the supervisor")
+    return text
+
+
+# -- the daemon child -------------------------------------------------------------------
+
+def _saved_options(opts: Any) -> dict[str, Any]:
+    """MountOptions fields worth keeping in meta.json (plain values only)."""
+    out = {}
+    for f in fields(opts):
+        v = getattr(opts, f.name)
+        if f.name in ("pagemap", "mountpoint", "regions", "state_dir"):
+            continue
+        if v is None or isinstance(v, (str, int, float, bool)) or \
+                (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            out[f.name] = v
+    return out
+
+
+def serve_child(state_dir: str, fuse_fd: int, chan_fd: int) -> int:
+    """A daemon under the supervisor (``python -m memfs.supervisor``)."""
+    import trio
+
+    from .daemon import Daemon, MountOptions
+    chan = socket.socket(fileno=chan_fd)
+    try:
+        state = State.open(state_dir)
+    except StateError as e:
+        chan.send(f"error {e}".encode())
+        return 1
+    chan.send(b"prepared")
+    msg = chan.recv(1 << 16)
+    if not msg.startswith(b"G"):
+        return 0  # the supervisor went away, or dropped this standby
+    flags, init_msg = msg[1], msg[2:]
+    try:
+        known = {f.name for f in fields(MountOptions)}
+        extra = {k: v for k, v in state.meta.get("options", {}).items() if k in known}
+        pm = state.load_pagemap()
+        if pm is not None:
+            extra["new"] = False  # a source mount's map was made by its first daemon
+        opts = MountOptions(mountpoint=state.mountpoint, regions=state.regions, pagemap=pm,
+                            store_dir=state.store_dir, state_dir=state.path, **extra)
+        state.resumed = bool(flags & F_RESUMED)
+        daemon = Daemon(opts)
+        daemon.state = state
+        daemon.pages.journal = state.open_journal()
+        daemon.takeover = Takeover(fuse_fd, init_msg, resend=bool(flags & F_RESEND))
+        daemon.fs.on_init = daemon.takeover.on_init
+    except Exception as e:
+        log.exception("daemon could not start")
+        chan.send(f"error {e}".encode())
+        return 1
+
+    def ready() -> None:
+        chan.send(f"ready {os.getpid()}".encode())
+
+    try:
+        trio.run(daemon.run, ready)
+    except Exception as e:
+        log.exception("daemon failed")
+        try:
+            chan.send(f"error {e}".encode())
+        except OSError:
+            pass
+        return 1
+    finally:
+        state.close()
+    return 0
+
+
+# -- the command line: memfs mount --state / --supervise / --resume ------------------------
+
+def mount(a: argparse.Namespace, build_options: Callable[[argparse.Namespace], Any],
+          check_mountpoint: Callable[[str], None]) -> int:
+    """``memfs mount`` with a state directory: print one line, exit 0 or 1."""
+    if a.resume:
+        state = State.open(a.resume)
+        if os.path.exists(os.path.join(state.path, SOCKET)):
+            try:
+                reply = ask(state.path, "restart")
+            except SupervisorError:
+                reply = ""
+            if reply:
+                print(f"memfs: daemon of {state.mountpoint} restarted ({reply[3:]})")
+                return 0
+        state.lock()
+        resumed = True
+    else:
+        if a.mountpoint is None:
+            raise SupervisorError("no mount point given")
+        opts = build_options(a)
+        if opts.pagemap is None and not opts.regions:
+            raise SupervisorError("nothing to serve: no page map and no --region")
+        sizes = ({r.name: r.size for r in opts.pagemap.regions} if opts.pagemap
+                 else dict(opts.regions))
+        check_mountpoint(opts.mountpoint)
+        state = State.create(a.state or default_dir(opts.mountpoint), opts.mountpoint,
+                             sizes, _saved_options(opts))
+        if opts.pagemap is not None:
+            state.save_pagemap(opts.pagemap)
+        resumed = False
+    mp = state.mountpoint
+    check_mountpoint(mp)
+    meta_opts = state.meta.get("options", {})
+    try:
+        fuse_fd = mount_fuse(mp, allow_other=bool(meta_opts.get("allow_other")),
+                             max_read=meta_opts.get("max_read"))
+    except TakeoverError as e:
+        raise SupervisorError(str(e)) from None
+    os.set_inheritable(fuse_fd, True)
+    try:
+        init_msg = read_init(fuse_fd)
+    except (OSError, TakeoverError) as e:
+        detach(mp)
+        raise SupervisorError(f"{mp}: {e}") from None
+    logfile = a.log or (None if a.foreground else os.path.join(state.path, "memfs.log"))
+    sup = Supervisor(state, fuse_fd, init_msg, resumed=resumed, log_path=logfile,
+                     debug=a.debug)
+    if a.foreground:
+        from .cli import setup_logging
+        setup_logging(a.debug, logfile)
+        return sup.run(lambda pid: log.info("serving %s (daemon %s)", mp, pid))
+    return _background(sup, logfile or "", a.debug)
+
+
+def _background(sup: Supervisor, logfile: str, debug: bool) -> int:
+    """Run the supervisor detached; report the first daemon's start here."""
+    from .cli import setup_logging
+    if not os.path.exists(logfile):
+        from .fileio import PRIVATE, create_new
+        os.close(create_new(logfile, PRIVATE, os.O_WRONLY))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode(errors="replace").strip()
+        if msg.startswith("OK"):
+            print(f"memfs: mounted {sup.state.mountpoint} (daemon {msg.split()[1]}, "
+                  f"state {sup.state.path}, log {logfile})")
+            return 0
+        print(f"memfs: mount failed: {msg or 'supervisor died; see ' + logfile}",
+              file=sys.stderr)
+        return 1
+    os.close(r)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    setup_logging(debug, logfile)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+
+    def ready(daemon_pid: str) -> None:
+        os.write(w, f"OK {daemon_pid}\n".encode())
+        os.close(w)
+
+    code = 0
+    try:
+        code = sup.run(ready)
+    except BaseException as e:
+        log.exception("supervisor failed")
+        try:
+            os.write(w, f"{e}\n".encode())
+        except OSError:
+            pass
+        code = 1
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="memfs.supervisor", description="a supervised daemon")
+    p.add_argument("--state", required=True)
+    p.add_argument("--fuse-fd", type=int, required=True)
+    p.add_argument("--chan", type=int, required=True)
+    p.add_argument("--log")
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    from .cli import setup_logging
+    setup_logging(a.debug, a.log)
+    return serve_child(a.state, a.fuse_fd, a.chan)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
