@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 
+from .control import error_text
 from .pages import PageIOError, PageServer
 from .stats import Stats, file_text
 
@@ -62,7 +63,7 @@ class MemFS(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, pages: PageServer, stats: Stats,
-                 control: Callable[[str], Awaitable[None]],
+                 control: Callable[[str], Awaitable[Callable[[], None] | None]],
                  *, mode: int = 0o600) -> None:
         super().__init__()
         self.pages = pages
@@ -79,6 +80,8 @@ class MemFS(pyfuse3.Operations):
         self.inode_meta: dict[int, str] = {}
         self._open_meta: dict[int, bytes] = {}
         self._next_fh = 1
+        #: control fh -> what a command asked to run once its writer closes
+        self._after_release: dict[int, Callable[[], None]] = {}
 
     #: called inside libfuse's INIT handling, before the reply is written:
     #: memfs.takeover adopts a held FUSE connection here
@@ -205,6 +208,11 @@ class MemFS(pyfuse3.Operations):
         name = self.inode_meta[inode]
         if flags & os.O_ACCMODE != os.O_RDONLY and name != "control":
             raise pyfuse3.FUSEError(errno.EACCES)
+        if flags & os.O_ACCMODE != os.O_RDONLY and ctx.uid not in (0, self.uid):
+            # commands only from root or the mount's owner, whatever the mode bits
+            log.warning("refused to open control for writing to uid %d (pid %d)",
+                        ctx.uid, ctx.pid)
+            raise pyfuse3.FUSEError(errno.EACCES)
         fh = (self._next_fh << 32) | inode  # names its file, for a successor
         self._next_fh += 1
         # The content is fixed at open so that a reader sees one consistent
@@ -250,12 +258,14 @@ class MemFS(pyfuse3.Operations):
         for line in buf.decode(errors="replace").splitlines():
             if line.strip():
                 try:
-                    await self.control(line.strip())
+                    after = await self.control(line.strip())
                 except Exception as e:  # reported to the writer, kept for `memfs`
-                    self.last_error = f"{line.strip()}: {e}"
+                    self.last_error = error_text(line, e)
                     log.error("control command failed: %s", self.last_error)
                     raise pyfuse3.FUSEError(errno.EINVAL) from None
                 self.last_error = ""
+                if after is not None:
+                    self._after_release[fh] = after
         return len(buf)
 
     async def flush(self, fh: int) -> None:
@@ -266,6 +276,9 @@ class MemFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self._open_meta.pop(fh, None)
+        after = self._after_release.pop(fh, None)
+        if after is not None:
+            after()
 
     async def forget(self, inode_list: Any) -> None:
         pass

@@ -115,8 +115,11 @@ class Prefetcher:
                 await self._region(region, res)
             finally:
                 if res is not None:
-                    # close() sends FLUSH to this very daemon: never on the loop
-                    await trio.to_thread.run_sync(res.close)
+                    # close() sends FLUSH to this very daemon: never on the loop;
+                    # shielded: a stopped prefetch must still let go of the
+                    # file, or the mount stays busy (memfs umount)
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(res.close)
         left = pm.counts()["pages_remote"]
         self.finished_at = time.monotonic() - t0
         if left == 0:

@@ -1,7 +1,8 @@
-"""Text for people: sizes, the ``memfs stats`` table."""
+"""Text for people: sizes, the ``memfs stats`` table, one-line errors."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .stats import histogram_text
@@ -63,3 +64,36 @@ def render_stats(snap: dict[str, Any]) -> str:
     lines.append("READ latency (µs):")
     lines.extend("  " + ln for ln in histogram_text(snap.get("read_latency_us", {})).splitlines())
     return "\n".join(lines)
+
+
+# -- errors ----------------------------------------------------------------------
+
+def unwrap(e: BaseException) -> BaseException:
+    """The one error inside nested single-member exception groups (trio's
+    nurseries wrap what a task raised); a group of several stays a group."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
+def is_expected(e: BaseException) -> bool:
+    """An error the operator can fix (a file, a server, the disk, an option),
+    as opposed to a bug: OSError, and every layer's own error type."""
+    if isinstance(e, OSError):
+        return True
+    return isinstance(e, Exception) and type(e).__module__.split(".")[0] == "memfs"
+
+
+def error_line(e: BaseException) -> str:
+    """``memfs: <what is wrong, which file or URI>`` without the prefix: one
+    line, whatever the message held."""
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+        if e.filename is not None:
+            names = os.fsdecode(e.filename)
+            if e.filename2 is not None:
+                names += f" -> {os.fsdecode(e.filename2)}"
+            text = f"{names}: {text}"
+    else:
+        text = str(e) or type(e).__name__
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
