@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "build" / "guest"
 PAGE = 4096
 MIB = 1 << 20
+#: MiBs of distinct fill content (guest-init.sh: PERIOD)
+FILL_PERIOD = 16
 
 
 @dataclass(frozen=True)
@@ -102,17 +104,20 @@ def expected_fill_md5(image: GuestImage, fill_mib: int) -> str:
     rsize = len(r2) // 2
     rep = r2[2:2 + PAGE] * (MIB // PAGE)
     zero = bytes(MIB)
-    h = hashlib.md5()
+    period: list[bytes] = []  # from MiB FILL_PERIOD on, MiB i repeats MiB i % FILL_PERIOD
     r = 0
-    for i in range(fill_mib):
+    for i in range(min(fill_mib, FILL_PERIOD)):
         if i % 4 == 2:
-            h.update(zero)
+            period.append(zero)
         elif i % 8 == 5:
-            h.update(rep)
+            period.append(rep)
         else:
             off = (r * 8) % rsize
-            h.update(r2[off:off + MIB])
+            period.append(r2[off:off + MIB])
             r += 1
+    h = hashlib.md5()
+    for i in range(fill_mib):
+        h.update(period[i % FILL_PERIOD])
     return h.hexdigest()
 
 
