@@ -203,6 +203,8 @@ class MemFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
             # keep_cache: reopening must not drop pages the guest may have dirtied
             return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
+        if inode >= META_BASE and inode not in self.inode_meta:
+            self.meta_names()  # known to an earlier daemon
         if inode not in self.inode_meta:
             raise pyfuse3.FUSEError(errno.ENOENT)
         name = self.inode_meta[inode]
