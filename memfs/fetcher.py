@@ -5,11 +5,21 @@ request; every page is checked against its xxh3 before anyone sees it; a read
 that fails or does not verify is retried (the disk back end reconnects on its
 own), and only then reported.  Demand reads go first: prefetch requests wait
 while a demand request is waiting for a slot.
+
+A fetch has one deadline, the disk's ``timeout`` (NBD ``?timeout=S``): the
+wait for a slot, the disk's own resends and reconnects and the retries here
+all share it, so a server that stops answering fails a READ after about
+``timeout`` seconds, not ``retries x timeout``.  Pages that just failed a
+demand fetch are remembered for ``fail_window`` seconds and a fetch that asks
+for them again fails at once: after a failed read-ahead the kernel asks again
+for the faulting page, synchronously, and that second READ must not wait a
+whole second deadline for an answer the first one just did not get.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -82,19 +92,58 @@ def remote_pages(region: Region, first: int, count: int) -> list[int]:
     return [p for p in range(first, first + count) if states[p] == remote]
 
 
+#: seconds a fetch may take, retries included, from a disk without a timeout
+DEFAULT_DEADLINE = math.inf
+#: seconds pages that failed a demand fetch keep failing at once
+FAIL_WINDOW = 2.0
+
+
+@dataclass
+class _Failure:
+    """Pages of one region that failed a demand fetch, until ``until``."""
+
+    region: str
+    pages: frozenset[int]
+    until: float
+    reason: str
+
+
 class Fetcher:
     def __init__(self, disks: Sequence[Disk], stats: Stats, *, retries: int = 3,
                  max_request: int = 4 << 20, slots: int = 16,
-                 retry_delay: float = 0.05, max_gap: int = 64 << 10) -> None:
+                 retry_delay: float = 0.05, max_gap: int = 64 << 10,
+                 deadline: float | None = None, fail_window: float = FAIL_WINDOW) -> None:
+        """``deadline`` (seconds) overrides every disk's own ``timeout``."""
         self.disks = list(disks)
         self.stats = stats
         self.retries = retries
         self.max_request = max_request
         self.retry_delay = retry_delay
         self.max_gap = max_gap
+        self.deadline = deadline
+        self.fail_window = fail_window
         self._slots = trio.CapacityLimiter(slots)
         self._demand_waiting = 0
         self._demand_idle = trio.Condition()
+        self._failures: list[_Failure] = []
+        stats.counters.setdefault("reads_failed_fast", 0)
+
+    def _timeout(self, disk: int) -> float:
+        if self.deadline is not None:
+            return self.deadline
+        t = self.disks[disk].timeout
+        return DEFAULT_DEADLINE if t is None else t
+
+    def _recent_failure(self, region: Region, pages: Sequence[int]) -> tuple[list[int], str]:
+        """Pages among ``pages`` that failed a demand fetch moments ago."""
+        now = trio.current_time()
+        self._failures = [f for f in self._failures if f.until > now]
+        for f in self._failures:
+            if f.region == region.name:
+                hit = f.pages.intersection(pages)
+                if hit:
+                    return sorted(hit), f.reason
+        return [], ""
 
     async def fetch(self, region: Region, pages: Sequence[int], *,
                     prefetch: bool = False) -> dict[int, memoryview]:
@@ -104,6 +153,17 @@ class Fetcher:
         every retry; the verified ones ride along in ``FetchError.partial``
         so that a caller may keep them.
         """
+        if self._failures:
+            recent, why = self._recent_failure(region, pages)
+            if recent:
+                self.stats.add("reads_failed_fast")
+                log.warning("region %s pages %s failed less than %g s ago; failed again "
+                            "without asking the disk", region.name, _ranges(recent),
+                            self.fail_window)
+                err = FetchError(region.name, recent, f"failed moments ago, not asked again "
+                                 f"for {self.fail_window:g} s: {why}")
+                err.partial = {}  # type: ignore[attr-defined]
+                raise err
         runs = coalesce(region, pages, self._run_bytes(region), self.max_gap)
         good: dict[int, memoryview] = {}
         failed: list[int] = []
@@ -122,6 +182,10 @@ class Fetcher:
                 for run in runs:
                     nursery.start_soon(one, run)
         if failed:
+            if not prefetch and self.fail_window > 0:
+                self._failures.append(_Failure(region.name, frozenset(failed),
+                                               trio.current_time() + self.fail_window,
+                                               reasons[0]))
             err = FetchError(region.name, sorted(failed), reasons[0])
             err.partial = good  # type: ignore[attr-defined]
             raise err
@@ -133,26 +197,43 @@ class Fetcher:
             limit = min(limit, d.max_request)
         return max(limit, region.page_size)
 
-    async def _read(self, run: Run, prefetch: bool) -> bytes:
+    async def _read(self, run: Run, prefetch: bool, deadline: float) -> bytes:
+        """The bytes of ``run``; DiskError if they are not there by ``deadline``.
+
+        The wait for a slot counts against the deadline; the disk enforces
+        it on the read itself (a file disk's pread cannot be abandoned).
+        """
         disk = self.disks[run.disk]
+        got_slot = False
+        with trio.move_on_at(deadline):
+            await self._acquire(prefetch)
+            got_slot = True
+        if not got_slot:
+            raise DiskError(f"{disk.uri}: read of {run.length} bytes at {run.offset} found "
+                            "no free slot before its deadline")
+        try:
+            return await disk.read(run.offset, run.length,
+                                   deadline=None if math.isinf(deadline) else deadline)
+        finally:
+            self._slots.release()
+
+    async def _acquire(self, prefetch: bool) -> None:
+        """A slot; demand reads first."""
         if prefetch:
             async with self._demand_idle:
                 while self._demand_waiting:
                     await self._demand_idle.wait()
-            async with self._slots:
-                return await disk.read(run.offset, run.length)
+            await self._slots.acquire()
+            return
         self._demand_waiting += 1
         try:
             await self._slots.acquire()
         finally:
             self._demand_waiting -= 1
             if not self._demand_waiting:
-                async with self._demand_idle:
-                    self._demand_idle.notify_all()
-        try:
-            return await disk.read(run.offset, run.length)
-        finally:
-            self._slots.release()
+                with trio.CancelScope(shield=True):  # a cancelled demand still wakes them
+                    async with self._demand_idle:
+                        self._demand_idle.notify_all()
 
     async def _fetch_run(self, region: Region, run: Run, prefetch: bool,
                          good: dict[int, memoryview]) -> tuple[list[int], str]:
@@ -161,15 +242,23 @@ class Fetcher:
         sums = region.checksums
         todo = [run]
         reason = ""
+        timeout = self._timeout(run.disk)
+        deadline = trio.current_time() + timeout
+        attempts = 0
         for attempt in range(self.retries + 1):
             if attempt:
+                delay = self.retry_delay * (2 ** (attempt - 1))
+                if trio.current_time() + delay >= deadline:
+                    reason = f"{reason}; no time left for a retry within {timeout:g} s"
+                    break
                 self.stats.add("fetch_retries")
-                await trio.sleep(self.retry_delay * (2 ** (attempt - 1)))
+                await trio.sleep(delay)
+            attempts += 1
             retry: list[int] = []
             for r in todo:
                 self.stats.add("fetch_requests")
                 try:
-                    data = await self._read(r, prefetch)
+                    data = await self._read(r, prefetch, deadline)
                 except DiskError as e:
                     self.stats.add("fetch_errors")
                     reason = str(e)
@@ -196,8 +285,8 @@ class Fetcher:
             if not retry:
                 return [], reason
             todo = coalesce(region, retry, self._run_bytes(region), self.max_gap)
-        log.error("GIVING UP on region %s pages %s after %d attempts: %s",
-                  region.name, _ranges(sorted(retry)), self.retries + 1, reason)
+        log.error("GIVING UP on region %s pages %s after %d attempt(s): %s",
+                  region.name, _ranges(sorted(retry)), attempts, reason)
         self.stats.add("pages_failed", len(retry))
         return retry, reason
 

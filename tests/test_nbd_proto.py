@@ -12,6 +12,8 @@ from typing import Awaitable, Callable
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from memfs.disks import DiskError, parse_uri
 from memfs.disks import nbd_proto as p
@@ -239,6 +241,81 @@ async def test_lying_replies(wire: bytes, structured: bool, exc: type, what: str
             _, done = await p.receive_reply(r, structured, pending)
             if done:
                 break
+
+
+async def test_oversized_error_chunk_is_refused_before_its_payload() -> None:
+    """A 4 GiB error chunk is a lie: refused from its header, nothing buffered."""
+    r = await feed(struct.pack(">IHHQI", p.STRUCTURED_REPLY_MAGIC, 0, p.REPLY_TYPE_ERROR, 1,
+                               0xFFFFFFF0) + b"E" * 100_000, close=False)
+    with trio.fail_after(5), pytest.raises(p.NBDProtocolError) as e:
+        await p.receive_reply(r, True, {1: read_req(0, 4096)})
+    assert str(e.value) == "error chunk of 4294967280 bytes (an error chunk holds 6 to 4110)"
+    assert len(r._buf) <= 100_000 and r.received <= 100_000 + 20
+
+
+async def test_largest_legal_error_chunk_is_accepted() -> None:
+    msg = b"m" * p.MAX_ERROR_MESSAGE
+    r = await feed(chunk(1, p.REPLY_TYPE_ERROR_OFFSET,
+                         struct.pack(">IH", p.EIO, len(msg)) + msg + struct.pack(">Q", 0), True))
+    req = read_req(0, 4096)
+    assert await p.receive_reply(r, True, {1: req}) == (1, True)
+    assert req.error == p.EIO and req.message == msg.decode()
+
+
+async def test_too_many_chunks_for_the_request_size() -> None:
+    """One-byte data chunks: at most 4 + length/512 chunks, then the server is flooding."""
+    req = read_req(0, 1024)
+    wire = b"".join(chunk(1, p.REPLY_TYPE_OFFSET_DATA, struct.pack(">QB", i, 65))
+                    for i in range(7))
+    r = await feed(wire)
+    with pytest.raises(p.NBDProtocolError) as e:
+        for _ in range(7):
+            await p.receive_reply(r, True, {1: req})
+    assert str(e.value) == "more than 6 reply chunks for a read of 1024 bytes"
+
+
+async def test_chunks_in_order_are_merged_into_one_range() -> None:
+    req = read_req(0, 4096)
+    order = (1, 0, 2, 3, 5, 4, 7, 6)
+    wire = b"".join(chunk(1, p.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", i * 512) + b"d" * 512,
+                          done=(k == len(order) - 1)) for k, i in enumerate(order))
+    r = await feed(wire)
+    for _ in range(8):
+        _, done = await p.receive_reply(r, True, {1: req})
+    assert done and req._seen == [(0, 4096)] and bytes(req.buf or b"") == b"d" * 4096
+
+
+_CHUNK_TYPES = [p.REPLY_TYPE_NONE, p.REPLY_TYPE_OFFSET_DATA, p.REPLY_TYPE_OFFSET_HOLE,
+                p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET, 77]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_CHUNK_TYPES), st.booleans(),
+                          st.integers(0, 0xFFFFFFFF), st.integers(0, 8192),
+                          st.integers(0, 0xFFFF), st.binary(max_size=64)), max_size=12))
+def test_reply_fuzz_ends_in_a_result_or_a_disk_error(chunks: list) -> None:
+    """Any chunk sequence, with lying lengths: parsed, or a DiskError; never
+    another exception, and never more buffered than was sent."""
+    wire = b""
+    for rtype, done, length, off, mlen, tail in chunks:
+        head = struct.pack(">IHHQI", p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE * done,
+                           rtype, 1, length)
+        body = struct.pack(">QIH", off, p.EIO, mlen) + tail
+        wire += head + body
+
+    async def run() -> None:
+        r = await feed(wire)
+        req = read_req(1024, 4096)
+        try:
+            while True:
+                _, fin = await p.receive_reply(r, True, {1: req})
+                if fin:
+                    break
+        except DiskError:
+            pass
+        assert r.received <= len(wire)
+        assert req.chunks <= req.max_chunks
+    trio.run(run)
 
 
 # ------------------------------------------------------------------ whole client

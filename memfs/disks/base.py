@@ -26,24 +26,45 @@ class DiskURI:
     query: dict[str, str] = field(default_factory=dict)
 
 
+#: the query options each scheme understands (a misspelt one is refused, not ignored)
+QUERY_OPTIONS = {"file": (), "nbd": ("timeout", "connections", "retries"),
+                 "nbd+unix": ("socket", "timeout", "connections", "retries")}
+
+
 def parse_uri(uri: str) -> DiskURI:
     """Parse a disk name: a plain path, file://, nbd:// or nbd+unix://."""
     if "://" not in uri:
         if not uri:
             raise DiskError("empty disk name")
+        if "\0" in uri:
+            raise DiskError(f"{uri!r}: a path cannot hold a NUL byte")
         return DiskURI(uri, "file", path=os.path.abspath(uri))
-    u = urlsplit(uri)
-    query = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    try:
+        u = urlsplit(uri)
+        query = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
+    except ValueError as e:
+        raise DiskError(f"{uri}: not a valid URI: {e}") from None
+    known = QUERY_OPTIONS.get(u.scheme)
+    if known is not None:
+        unknown = sorted(set(query) - set(known))
+        if unknown:
+            raise DiskError(f"{uri}: unknown option {unknown[0]!r} for {u.scheme}:// "
+                            f"(known: {', '.join(known) or 'none'})")
     if u.scheme == "file":
         if u.netloc not in ("", "localhost"):
             raise DiskError(f"{uri}: file URIs name a local path (file:///path)")
-        return DiskURI(uri, "file", path=unquote(u.path))
+        path = unquote(u.path)
+        if not path or "\0" in path:
+            raise DiskError(f"{uri}: file URIs name a local path (file:///path)")
+        return DiskURI(uri, "file", path=path)
     export = unquote(u.path[1:] if u.path.startswith("/") else u.path)
     if u.scheme == "nbd":
         if not u.hostname:
             raise DiskError(f"{uri}: nbd:// needs a host")
         try:
             port = u.port or 10809
+            if not 0 < port < 65536:
+                raise ValueError
         except ValueError:
             raise DiskError(f"{uri}: bad port") from None
         return DiskURI(uri, "nbd", host=u.hostname, port=port, export=export, query=query)
@@ -61,18 +82,28 @@ class Disk(abc.ABC):
 
     uri: str
     size: int
+    #: seconds a whole read may take, retries included (None: no deadline)
+    timeout: float | None = None
     #: the largest single request worth issuing; callers split larger ones
     max_request: int = 32 << 20
 
     @abc.abstractmethod
-    async def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``, or DiskError."""
+    async def read(self, offset: int, length: int, *, deadline: float | None = None) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or DiskError.
+
+        ``deadline`` (trio clock) ends the read, retries included, earlier
+        than the disk's own timeout would: a caller's retries share it.
+        """
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         raise DiskError(f"{self.uri}: opened read-only")
 
     async def flush(self) -> None:
         """Make every completed write durable."""
+
+    async def drop_cache(self) -> None:
+        """Drop what the host page cache holds of this disk (a local file): the
+        mount's region keeps guest RAM once, not a second time here."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:

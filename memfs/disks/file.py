@@ -2,11 +2,16 @@
 
 Blocking I/O never runs on the trio loop: every call goes through
 ``trio.to_thread`` so that one slow read does not stall every FUSE request.
+Only regular files and block devices are disks: anything else (a FIFO, a
+socket, a character device, a directory) is refused at open, before it is
+opened for real, because opening a FIFO blocks until a writer comes and
+opening a device may have side effects.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 
 import trio
 
@@ -29,17 +34,34 @@ class FileDisk(Disk):
         if writable and create_size is not None:
             flags |= os.O_CREAT
         try:
-            fd = await trio.to_thread.run_sync(os.open, parsed.path, flags | os.O_CLOEXEC, 0o600)
+            st = os.stat(parsed.path)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                raise DiskError(f"{parsed.uri}: cannot open: No such file or directory") from None
         except OSError as e:
-            raise DiskError(f"{parsed.uri}: cannot open: {e.strerror}") from None
+            raise DiskError(f"{parsed.uri}: cannot open: {e.strerror or e}") from None
+        else:
+            _check_kind(parsed.uri, st.st_mode)
+        # O_NONBLOCK: should a FIFO have been swapped in since the stat, the
+        # open returns at once and the fstat below refuses it.
+        flags |= os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         try:
+            fd = await trio.to_thread.run_sync(os.open, parsed.path, flags, 0o600)
+        except OSError as e:
+            raise DiskError(f"{parsed.uri}: cannot open: {e.strerror or e}") from None
+        try:
+            _check_kind(parsed.uri, os.fstat(fd).st_mode)
+            os.set_blocking(fd, True)
             size = os.lseek(fd, 0, os.SEEK_END)
             if create_size is not None and size < create_size:
                 os.ftruncate(fd, create_size)
                 size = create_size
         except OSError as e:
             os.close(fd)
-            raise DiskError(f"{parsed.uri}: {e.strerror}") from None
+            raise DiskError(f"{parsed.uri}: {e.strerror or e}") from None
+        except DiskError:
+            os.close(fd)
+            raise
         return cls(parsed.uri, fd, size, writable)
 
     def _pread(self, offset: int, length: int) -> bytes:
@@ -50,10 +72,12 @@ class FileDisk(Disk):
                             f"(disk size {self.size})")
         return bytes(buf)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int, *, deadline: float | None = None) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise DiskError(f"{self.uri}: read of {length} bytes at {offset} is beyond "
                             f"the end ({self.size} bytes)")
+        if self._fd < 0:
+            raise DiskError(f"{self.uri}: disk is closed")
         data = nowait_pread(self._fd, offset, length)
         if data is not None:
             return data
@@ -70,6 +94,8 @@ class FileDisk(Disk):
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         if not self._writable:
             raise DiskError(f"{self.uri}: opened read-only")
+        if self._fd < 0:
+            raise DiskError(f"{self.uri}: disk is closed")
         try:
             async with self._limiter:
                 await trio.to_thread.run_sync(self._pwrite, offset, data)
@@ -83,7 +109,25 @@ class FileDisk(Disk):
             except OSError as e:
                 raise DiskError(f"{self.uri}: fsync: {e.strerror}") from None
 
+    async def drop_cache(self) -> None:
+        if self._fd >= 0:
+            await trio.to_thread.run_sync(os.posix_fadvise, self._fd, 0, 0,
+                                          os.POSIX_FADV_DONTNEED)
+
     async def aclose(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+
+
+#: what a path that is not a disk is, for the one-line refusal
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISDIR, "a directory"))
+
+
+def _check_kind(uri: str, mode: int) -> None:
+    """Refuse anything but a regular file or a block device."""
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), f"of file type {mode >> 12:o}")
+    raise DiskError(f"{uri}: is {kind}, not a disk (a disk is a regular file or a block device)")

@@ -7,7 +7,9 @@ A request is driven by the task that asked for it: when its connection dies
 it is sent again on a new one (reads always; writes too, because writes to
 overlapping ranges are serialised here, so a resent write can never land
 over a newer one); error replies are retried with back-off a bounded number
-of times; and the whole request, retries included, has one deadline.
+of times; and the whole request, retries included, has one deadline: the
+``timeout``, or the caller's deadline if that is nearer (the fetcher passes
+one, so that its own retries share the same budget).
 Only :class:`DiskError` (or ``trio.Cancelled``) leaves ``read``/``write``/
 ``flush``: a FUSE handler above must never see anything else.
 
@@ -118,6 +120,11 @@ class NBDDisk(Disk):
         except trio.TooSlowError:
             await self.aclose()
             raise DiskError(f"{parsed.uri}: no answer within {self.timeout:g} s") from None
+        except DiskError as e:
+            await self.aclose()
+            if str(e).startswith(parsed.uri):
+                raise
+            raise type(e)(f"{parsed.uri}: {e}") from None
         except BaseException:
             await self.aclose()
             raise
@@ -232,14 +239,24 @@ class NBDDisk(Disk):
     # ------------------------------------------------------------ requests
 
     async def _request(self, cmd: int, offset: int, length: int,
-                       payload: bytes | memoryview | None = None) -> bytearray | None:
-        """One command, under one deadline, resent and retried until it succeeds."""
+                       payload: bytes | memoryview | None = None,
+                       deadline: float | None = None) -> bytearray | None:
+        """One command, under one deadline, resent and retried until it succeeds.
+
+        The deadline is ``timeout`` seconds from now, or the caller's
+        ``deadline`` if that comes first: the request fails then, however
+        many resends, reconnects and retries it took.
+        """
         what = f"{p.CMD_NAMES[cmd]} of {length} bytes at {offset}"
         self._stats["nbd_requests"] += 1
         self._stats["nbd_in_flight"] += 1
-        last = "no attempt"
+        last = "no reply from the server"
+        started = trio.current_time()
+        limit = started + self.timeout
+        if deadline is not None:
+            limit = min(limit, deadline)
         try:
-            with trio.move_on_after(self.timeout) as deadline:
+            with trio.move_on_at(limit) as scope:
                 errors = 0
                 while True:
                     conn = await self._get_conn()
@@ -255,7 +272,7 @@ class NBDDisk(Disk):
                             # Abandoned: its reply is still read and dropped.  A
                             # connection that said nothing since we sent is wedged.
                             conn.events.pop(cookie, None)
-                            if deadline.cancel_called and conn.reader.received == sent_at:
+                            if scope.cancel_called and conn.reader.received == sent_at:
                                 self._nursery_kill(conn, "no reply within the timeout")
                             raise
                     except p.NBDConnectionLost as e:
@@ -287,9 +304,10 @@ class NBDDisk(Disk):
                     log.warning("%s: %s failed (%s); retry %d of %d", self.uri, what, last,
                                 errors, self.retries)
                     await trio.sleep(min(0.02 * 4 ** (errors - 1), 1.0))
-            if deadline.cancelled_caught:
+            if scope.cancelled_caught:
                 self._stats["nbd_timeouts"] += 1
-                last = f"timed out after {self.timeout:g} s ({last})"
+                took = trio.current_time() - started
+                last = f"timed out after {took:.1f} s ({last})"
         except DiskError as e:
             last = str(e)
         finally:
@@ -314,21 +332,22 @@ class NBDDisk(Disk):
         step = self.max_request
         return [(o, min(step, end - o)) for o in range(start, end, step)]
 
-    async def _read_aligned(self, start: int, end: int) -> bytearray:
+    async def _read_aligned(self, start: int, end: int,
+                            deadline: float | None = None) -> bytearray:
         pieces = self._pieces(start, end)
         if len(pieces) == 1:
-            out = await self._request(p.CMD_READ, start, end - start)
+            out = await self._request(p.CMD_READ, start, end - start, deadline=deadline)
             assert out is not None
             return out
         out = bytearray(end - start)
 
         async def one(o: int, n: int) -> None:
-            data = await self._request(p.CMD_READ, o, n)
+            data = await self._request(p.CMD_READ, o, n, deadline=deadline)
             out[o - start:o - start + n] = data  # type: ignore[index]
         await _gather(one, pieces)
         return out
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int, *, deadline: float | None = None) -> bytes:
         self._check(offset, length)
         if length == 0:
             return b""
@@ -337,7 +356,7 @@ class NBDDisk(Disk):
         if end > self.size:
             raise DiskError(f"{self.uri}: {length} bytes at {offset} cannot be read "
                             f"in {mb}-byte blocks")
-        buf = await self._read_aligned(start, end)
+        buf = await self._read_aligned(start, end, deadline)
         self._stats["nbd_bytes_read"] += length
         if start == offset and end - start == length:
             return bytes(buf)

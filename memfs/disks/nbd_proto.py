@@ -11,6 +11,7 @@ unusable and must be closed (the spec's "hard disconnect").
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass, field
 
@@ -88,6 +89,15 @@ DEFAULT_PREF_BLOCK = 4096
 DEFAULT_MAX_PAYLOAD = 32 << 20
 #: The longest option reply or error message we accept; anything longer is a lie.
 MAX_OPTION_REPLY = 64 << 10
+#: proto.md: an error message "MUST NOT exceed 4096 bytes"; an error chunk is
+#: errno (4), message length (2), the message and, for ERROR_OFFSET, an offset (8).
+MAX_ERROR_MESSAGE = 4096
+MAX_ERROR_CHUNK = 6 + MAX_ERROR_MESSAGE + 8
+#: at most one chunk per 512 bytes of a request (plus a few): a server that
+#: splits a read into more pieces than sectors is flooding us, not answering
+CHUNKS_PER_BYTE = 512
+#: the most bytes asked of the socket at once, whatever the caller waits for
+MAX_RECEIVE = 4 << 20
 
 _REQ = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IQ")          # after the 4-byte magic: error, cookie
@@ -141,7 +151,7 @@ class Reader:
 
     async def _fill(self, want: int) -> None:
         try:
-            chunk = await self._stream.receive_some(max(want, 256 << 10))
+            chunk = await self._stream.receive_some(min(max(want, 256 << 10), MAX_RECEIVE))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise NBDConnectionLost(f"connection lost: {e or type(e).__name__}") from None
         if not chunk:
@@ -301,8 +311,15 @@ class Request:
     buf: bytearray | None = None
     error: int = 0
     message: str = ""
-    #: content ranges (start, end) seen in a structured reply, to check cover
+    #: disjoint content ranges (start, end) seen in a structured reply, sorted
+    #: and merged when they touch, to check cover
     _seen: list[tuple[int, int]] = field(default_factory=list)
+    #: structured reply chunks received so far
+    chunks: int = 0
+
+    @property
+    def max_chunks(self) -> int:
+        return 4 + self.length // CHUNKS_PER_BYTE
 
 
 async def receive_reply(reader: Reader, structured: bool,
@@ -330,6 +347,10 @@ async def receive_reply(reader: Reader, structured: bool,
     flags, rtype, cookie, length = _CHUNK.unpack(await reader.exactly(_CHUNK.size))
     req = _lookup(pending, cookie)
     done = bool(flags & REPLY_FLAG_DONE)
+    req.chunks += 1
+    if req.chunks > req.max_chunks:
+        raise NBDProtocolError(f"more than {req.max_chunks} reply chunks for a "
+                               f"{CMD_NAMES.get(req.cmd)} of {req.length} bytes")
     if rtype == REPLY_TYPE_NONE:
         if length or not done:
             raise NBDProtocolError("NBD_REPLY_TYPE_NONE chunk with payload or without DONE")
@@ -353,8 +374,9 @@ async def receive_reply(reader: Reader, structured: bool,
         start = off - req.offset
         req.buf[start:start + n] = bytes(n)
     elif rtype & REPLY_TYPE_ERROR_BIT:
-        if length < 6:
-            raise NBDProtocolError(f"error chunk of {length} bytes")
+        if length < 6 or length > MAX_ERROR_CHUNK:
+            raise NBDProtocolError(f"error chunk of {length} bytes (an error chunk holds "
+                                   f"6 to {MAX_ERROR_CHUNK})")
         payload = await reader.exactly(length)
         err, mlen = struct.unpack_from(">IH", payload)
         if 6 + mlen > length:
@@ -364,9 +386,8 @@ async def receive_reply(reader: Reader, structured: bool,
     else:
         raise NBDProtocolError(f"unknown structured reply type {rtype}")
     if done and not req.error and req.cmd == CMD_READ:
-        covered = sorted(req._seen)
         pos = req.offset
-        for s, e in covered:
+        for s, e in req._seen:
             if s != pos:
                 raise NBDProtocolError(f"read reply at {req.offset}+{req.length} "
                                        f"does not cover {pos}..{s}")
@@ -384,9 +405,22 @@ def _lookup(pending: dict[int, Request], cookie: int) -> Request:
 
 
 def _claim(req: Request, off: int, n: int) -> None:
+    """Record that [off, off+n) arrived: inside the request, over nothing seen.
+
+    Sorted and merged, so that a server sending pieces in order costs one
+    entry, and any order costs a logarithmic search, not a scan.
+    """
     if off < req.offset or off + n > req.offset + req.length:
         raise NBDProtocolError(f"chunk {off}+{n} outside the request {req.offset}+{req.length}")
-    for s, e in req._seen:
-        if off < e and s < off + n:
-            raise NBDProtocolError(f"chunk {off}+{n} overlaps an earlier chunk")
-    req._seen.append((off, off + n))
+    seen, end = req._seen, off + n
+    i = bisect.bisect_left(seen, (off, end))
+    if (i and seen[i - 1][1] > off) or (i < len(seen) and seen[i][0] < end):
+        raise NBDProtocolError(f"chunk {off}+{n} overlaps an earlier chunk")
+    if i and seen[i - 1][1] == off:          # touches the one before: extend it
+        i -= 1
+        off = seen[i][0]
+        del seen[i]
+    if i < len(seen) and seen[i][0] == end:  # touches the one after: absorb it
+        end = seen[i][1]
+        del seen[i]
+    seen.insert(i, (off, end))
