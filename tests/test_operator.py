@@ -332,14 +332,17 @@ def test_save_only_where_allowed(small, tmp_path, open_dir) -> None:
     victim.write_text("keep me")
     os.symlink(victim, tmp_path / "link")
     os.symlink(tmp_path, os.path.join(open_dir, "dirlink"))
+    user_dir = os.path.join(open_dir, "user")  # a directory another user controls
+    os.mkdir(user_dir)
+    os.chown(user_dir, NOBODY, NOBODY)
     allowed = str(tmp_path)
     with mounted(pm, mnt):
         ok = memfs("save", mnt, str(tmp_path / "view"))
         assert ok.returncode == 0 and os.path.getsize(tmp_path / "view") > 0
         cases = {
-            f"{open_dir}/view": (f"refused: this mount writes only under {allowed} or in a "
+            f"{user_dir}/view": (f"refused: this mount writes only under {allowed} or in a "
                                  f"directory only root or its owner can write, not in "
-                                 f"{open_dir} (mount option --control-dir DIR)"),
+                                 f"{user_dir} (mount option --control-dir DIR)"),
             "/tmp/memfs-op-view": (f"refused: this mount writes only under {allowed} or in a "
                                    f"directory only root or its owner can write, not in /tmp "
                                    f"(mount option --control-dir DIR)"),
@@ -446,9 +449,10 @@ def test_cli_errors_are_one_line(small, tmp_path) -> None:
         (("mount", missing, mnt), 1, f"memfs: cannot read page map {missing}: "
                                      "No such file or directory"),
         (("capture", "--ram", missing, "--volume", str(tmp_path / "v2"), "--out",
-          str(tmp_path / "pm2")), 1, None),
-        (("capture", "--volume", "x"), 2, "memfs: the following arguments are required: "
-                                          "--ram, --out (see memfs capture --help)"),
+          str(tmp_path / "pm2")), 1, f"memfs: cannot read RAM {missing}: "
+                                     "No such file or directory"),
+        (("mount", pm, mnt, "--region"), 2,
+         "memfs: argument --region: expected one argument (see memfs mount --help)"),
         (("umount", mnt), 1, f"memfs: {mnt} is not mounted"),
         (("umount", "/proc"), 1, "memfs: /proc is not a memfs mount (it is proc)"),
         (("stats", mnt), 1, f"memfs: cannot read stats of {mnt}: No such file or directory"),
