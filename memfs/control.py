@@ -339,6 +339,16 @@ def _daemon_state(mountpoint: str, timeout: float) -> tuple[int | None, str]:
     return pid, state
 
 
+def _running(pid: int) -> bool:
+    """False once ``pid`` has exited, zombie included: a daemonized memfs is
+    reaped by init, which may take its time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 _MNT_DETACH = 2
 
 
@@ -397,9 +407,7 @@ def umount(mountpoint: str | os.PathLike[str], *, force: bool = False,
     stop(mp, force=force)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             break
         time.sleep(0.02)
     else:

@@ -61,11 +61,12 @@ def open_dir() -> Iterator[str]:
 
 
 def alive(pid: int) -> bool:
+    """Running: an exited daemon waits as a zombie until init reaps it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
         return False
-    return True
 
 
 @contextmanager
