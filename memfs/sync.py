@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("memfs.sync")
 
 ALIGN = 1 << 20
-#: pages per copy: one store read, one volume write
+#: pages per run (one store read, one volume write) and per batch of runs
 RUN_PAGES = 256
+BATCH_PAGES = 1024
 
 
 def volume_layout(sizes: list[int]) -> list[int]:
@@ -82,6 +83,8 @@ class VolumeSync:
         self.volume_end = offs[-1]
         self.passes = 0
         self.writebacks = 0
+        #: how long the last volume flush took
+        self.flush_seconds = 0.0
         self._lock = trio.Lock()
         #: while not None: the pages copied, per region (flush reports them)
         self.record: dict[str, list[int]] | None = None
@@ -116,64 +119,91 @@ class VolumeSync:
         async with self._lock:
             t0 = time.monotonic()
             for name in list(self.pages.sizes):
-                for first, last in list(self.pages.dirty.runs(name, RUN_PAGES)):
+                batch: list[tuple[int, int]] = []
+                size = 0
+                runs = list(self.pages.dirty.runs(name, RUN_PAGES))
+                for i, (first, last) in enumerate(runs):
+                    batch.append((first, last))
+                    size += last - first
+                    if size < BATCH_PAGES and i + 1 < len(runs):
+                        continue
                     if limited and self.paused:
                         break
-                    copied += await self._copy(name, first, last)
+                    copied += await self._copy(name, batch)
+                    batch, size = [], 0
                     if limited and self.rate:
-                        due = t0 + copied * 4096 / self.rate
-                        await trio.sleep_until(due)
+                        await trio.sleep_until(t0 + copied * 4096 / self.rate)
             if copied:
+                t1 = time.monotonic()
                 await self.volume.flush()
+                self.flush_seconds = time.monotonic() - t1
                 self.passes += 1
         return copied
 
-    async def _copy(self, name: str, first: int, last: int) -> int:
+    async def _copy(self, name: str, runs: list[tuple[int, int]]) -> int:
+        """Copy the dirty pages of ``runs`` (first, last): one store read and
+        one volume write request batch for all of them."""
         pages = self.pages
         assert pages.pagemap is not None
         region = pages.pagemap.region(name)
         ps = region.page_size
         dirty = pages.dirty
+        todo: list[tuple[int, int]] = []
         async with pages.lock(name):
-            todo = [p for p in range(first, last) if dirty.is_dirty(name, p)]
-            if not todo:
-                return 0
-            first, last = todo[0], todo[-1] + 1
-            dirty.clear(name, first, last)
+            for first, last in runs:
+                bits = dirty.bits[name]
+                a = bits.find(1, first, last)
+                if a < 0:
+                    continue
+                b = bits.rfind(1, first, last) + 1
+                dirty.clear(name, a, b)
+                todo.append((a, b))
+        if not todo:
+            return 0
         if self.record is not None:
-            self.record.setdefault(name, []).extend(todo)
+            rec = self.record.setdefault(name, [])
+            for a, b in todo:
+                rec.extend(range(a, b))
+
+        def undo() -> None:  # under the lock: copy them again next time
+            for a, b in todo:
+                dirty.mark(name, a, b)
+
         # Outside the lock: a WRITE that lands now marks its pages dirty again.
         try:
-            (data,) = await pages.store.read_many(name, [(first * ps, (last - first) * ps)])
+            datas = await pages.store.read_many(name, [(a * ps, (b - a) * ps) for a, b in todo])
         except OSError as e:
             async with pages.lock(name):
-                dirty.mark(name, first, last)
-            log.error("sync: cannot read %s pages %d..%d from the store: %s",
-                      name, first, last - 1, e)
+                undo()
+            log.error("sync: cannot read %s from the store: %s", name, e)
             raise
-        view = memoryview(data)
-        sums = array("Q", (checksum(view[i:i + ps]) for i in range(0, len(view), ps)))
-        at = self.voff[name] + first * ps
+        voff = self.voff[name]
         try:
-            await self.volume.write(at, view)
+            await self.volume.write_many([(voff + a * ps, d) for (a, _), d in zip(todo, datas)])
         except BaseException:
             async with pages.lock(name):
-                dirty.mark(name, first, last)
+                undo()
             raise
         vol = pages.pagemap.disk_index(self.volume.uri)
+        n = 0
         async with pages.lock(name):
-            for i, p in enumerate(range(first, last)):
-                if region.states[p] != PageState.LOCAL or dirty.is_dirty(name, p):
-                    continue  # written again meanwhile: copied again later
-                if sums[i] == ZERO_CHECKSUM and view[i * ps:(i + 1) * ps] == ZERO_PAGE:
-                    region.set_zero(p)  # written back as zeros: a zero page again
-                    continue
-                region.disks[p] = vol
-                region.offsets[p] = at + i * ps
-                region.checksums[p] = sums[i]
-        self.stats.add("sync_pages", last - first)
-        self.stats.add("sync_bytes", len(view))
-        return last - first
+            for (a, b), data in zip(todo, datas):
+                view = memoryview(data)
+                n += b - a
+                for i, p in enumerate(range(a, b)):
+                    if region.states[p] != PageState.LOCAL or dirty.is_dirty(name, p):
+                        continue  # written again meanwhile: copied again later
+                    page = view[i * ps:(i + 1) * ps]
+                    csum = checksum(page)
+                    if csum == ZERO_CHECKSUM and page == ZERO_PAGE:
+                        region.set_zero(p)  # written back as zeros: a zero page again
+                        continue
+                    region.disks[p] = vol
+                    region.offsets[p] = voff + p * ps
+                    region.checksums[p] = csum
+        self.stats.add("sync_pages", n)
+        self.stats.add("sync_bytes", n * ps)
+        return n
 
 
 def export(pm: PageMap, dirty_count: int) -> PageMap:

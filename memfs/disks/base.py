@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import trio
+
 
 class DiskError(Exception):
     """A disk could not be opened, read or written; the message says which and why."""
@@ -97,6 +99,18 @@ class Disk(abc.ABC):
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         raise DiskError(f"{self.uri}: opened read-only")
+
+    async def write_many(self, items: list[tuple[int, bytes | memoryview]]) -> None:
+        """Several writes, in flight together (the sync copies runs of dirty
+        pages in batches); all done, or the first DiskError."""
+        limit = trio.CapacityLimiter(16)
+
+        async def one(offset: int, data: bytes | memoryview) -> None:
+            async with limit:
+                await self.write(offset, data)
+        async with trio.open_nursery() as nursery:
+            for offset, data in items:
+                nursery.start_soon(one, offset, data)
 
     async def flush(self) -> None:
         """Make every completed write durable."""
