@@ -310,7 +310,7 @@ def describe_mappers(found: dict[int, tuple[str, set[str]]]) -> str:
 
 
 def _daemon_state(mountpoint: str, timeout: float) -> tuple[int | None, str]:
-    """(pid, "alive" | "closed" | "hung" | "dead"), from ``.memfs/pid`` read in
+    """(pid, "alive" | "closed" | "hung" | "dead" | "denied"), from ``.memfs/pid`` read in
     a thread: a daemon that died while something still holds its connection
     (or one that is stopped) never answers; one that died alone leaves a
     closed connection (ENOTCONN)."""
@@ -321,7 +321,11 @@ def _daemon_state(mountpoint: str, timeout: float) -> tuple[int | None, str]:
             with open(meta_path(mountpoint, "pid")) as f:
                 result[:] = [int(f.read()), "alive"]
         except OSError as e:
-            result[1] = "closed" if e.errno in (errno.ENOTCONN, errno.ECONNABORTED) else "dead"
+            if e.errno in (errno.EACCES, errno.EPERM):
+                result[1] = "denied"
+            else:
+                result[1] = "closed" if e.errno in (errno.ENOTCONN, errno.ECONNABORTED) \
+                    else "dead"
         except ValueError:
             result[1] = "dead"
 
@@ -391,6 +395,8 @@ def umount(mountpoint: str | os.PathLike[str], *, force: bool = False,
         raise ControlError(f"{mp} is not a memfs mount (it is {entry.fstype})")
     wait = min(5.0, timeout)
     pid, state = _daemon_state(mp, timeout=wait)
+    if state == "denied":
+        raise ControlError(f"{meta_path(mp, 'pid')}: Permission denied")
     found = mappers(entry, exclude=[pid] if pid else [])
     if found and not force:
         raise ControlError(f"not unmounting {mp}: {describe_mappers(found)} "

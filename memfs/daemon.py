@@ -452,7 +452,12 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
                 name = signal.Signals(sig).name
-                found = await trio.to_thread.run_sync(self._mappers)
+                try:
+                    found = await trio.to_thread.run_sync(self._mappers)
+                except Exception as e:  # never unmount blind, never die of it
+                    log.error("%s: not unmounting %s: cannot tell who maps it (%s)", name,
+                              self.opts.mountpoint, e)
+                    continue
                 if found:
                     log.warning("%s: not unmounting %s: %s; still serving", name,
                                 self.opts.mountpoint, describe_mappers(found))

@@ -280,7 +280,10 @@ class MemFS(pyfuse3.Operations):
         self._open_meta.pop(fh, None)
         after = self._after_release.pop(fh, None)
         if after is not None:
-            after()
+            try:
+                after()
+            except Exception:  # only FUSEError may leave a handler
+                log.exception("BUG: after-release action of a control command failed")
 
     async def forget(self, inode_list: Any) -> None:
         pass
