@@ -586,3 +586,16 @@ def test_parse_uri_fuzz_gives_a_uri_or_a_disk_error(uri: str) -> None:
         assert str(e)
         return
     assert parsed.scheme in ("file", "nbd", "nbd+unix")
+
+
+async def test_a_new_file_disk_is_created_private_and_never_through_a_link(tmp_path) -> None:
+    path = str(tmp_path / "new")
+    async with await open_disk(path, writable=True, create_size=4 * PS) as disk:
+        assert disk.size == 4 * PS
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    target, link = str(tmp_path / "elsewhere"), str(tmp_path / "dangling")
+    os.symlink(target, link)
+    with pytest.raises(DiskError) as e:
+        await open_disk(link, writable=True, create_size=PS)
+    assert str(e.value) == f"{link}: cannot open: File exists"
+    assert not os.path.exists(target)

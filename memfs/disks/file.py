@@ -31,13 +31,13 @@ class FileDisk(Disk):
     async def open(cls, parsed: DiskURI, *, writable: bool = False,
                    create_size: int | None = None) -> "FileDisk":
         flags = os.O_RDWR if writable else os.O_RDONLY
-        if writable and create_size is not None:
-            flags |= os.O_CREAT
         try:
             st = os.stat(parsed.path)
         except FileNotFoundError:
-            if not flags & os.O_CREAT:
+            if not (writable and create_size is not None):
                 raise DiskError(f"{parsed.uri}: cannot open: No such file or directory") from None
+            # created here, and only here: O_EXCL never follows a (dangling) link
+            flags |= os.O_CREAT | os.O_EXCL
         except OSError as e:
             raise DiskError(f"{parsed.uri}: cannot open: {e.strerror or e}") from None
         else:
@@ -101,6 +101,20 @@ class FileDisk(Disk):
                 await trio.to_thread.run_sync(self._pwrite, offset, data)
         except OSError as e:
             raise DiskError(f"{self.uri}: write at {offset}: {e.strerror}") from None
+
+    async def write_many(self, items: list[tuple[int, bytes | memoryview]]) -> None:
+        """All in one thread hop: a hop costs more than a cached pwrite."""
+        if not self._writable:
+            raise DiskError(f"{self.uri}: opened read-only")
+
+        def work() -> None:
+            for offset, data in items:
+                self._pwrite(offset, data)
+        try:
+            async with self._limiter:
+                await trio.to_thread.run_sync(work)
+        except OSError as e:
+            raise DiskError(f"{self.uri}: write: {e.strerror}") from None
 
     async def flush(self) -> None:
         if self._writable:
