@@ -12,6 +12,12 @@ Its REMOTE pages were never handed to the kernel, so they are not read at all
 (reading them through the mount would fetch them): they keep their location.
 Its ZERO pages were never handed out either and stay zero.  Only its LOCAL
 pages are read (through the mount, page cache included) and classified.
+
+Outputs (memfs.outputs, memfs.volume): the volume and the page map are locked
+for the whole capture; neither may be a RAM file or the referenced disk; the
+volume carries an identity block after the RAM layout, which the page map
+records and which a ``base`` must share.  A capture that fails leaves no
+page map, no temporary file, and no volume it created.
 """
 
 from __future__ import annotations
@@ -19,19 +25,24 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import stat
 import sys
 import time
 from array import array
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
 import trio
 
-from .disks import Disk, DiskError, open_disk
+from . import outputs, volume as vol_id
+from .disks import Disk, DiskError, open_disk, parse_uri
+from .disks.file import FileDisk
 from .fileio import pread_into
+from .outputs import OutputError
 from .trace import pack_pages
 from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState, Region,
-                      checksum)
+                      checksum, check_region_name)
 
 log = logging.getLogger("memfs.capture")
 
@@ -80,12 +91,13 @@ class CaptureResult:
 
 
 def layout(sizes: Sequence[int]) -> list[int]:
-    """Identity layout: the volume offset of each region (1 MiB aligned)."""
+    """Identity layout: the volume offset of each region (1 MiB aligned), then
+    the volume's size: the regions and the identity block after them."""
     offsets, at = [], 0
     for s in sizes:
         offsets.append(at)
         at += (s + ALIGN - 1) // ALIGN * ALIGN
-    offsets.append(at)
+    offsets.append(vol_id.volume_size(sizes))
     return offsets
 
 
@@ -132,33 +144,150 @@ async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
 
     ``base``: the previous pass (only changed pages are rewritten).  ``view``:
     the page map saved by the memfs mount that serves the RAM files (see the
-    module doc): only the pages it marks local are read."""
-    t0 = time.monotonic()
-    sizes = []
+    module doc): only the pages it marks local are read.  Every expected
+    failure is a CaptureError of one line."""
+    try:
+        return await _capture(rams, volume_uri, out, base=base, referencer=referencer,
+                              progress=progress, view=view)
+    except BaseExceptionGroup as eg:  # a nursery's: the first real error is the story
+        leaf = _first_error(eg)
+        if isinstance(leaf, (CaptureError, DiskError, OutputError, PageMapError, OSError)):
+            raise _as_capture_error(leaf) from None
+        raise
+    except (DiskError, OutputError, PageMapError, OSError) as e:
+        raise _as_capture_error(e) from None
+
+
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            e = _first_error(e)
+        if not isinstance(e, trio.Cancelled):
+            return e
+    return eg
+
+
+def _as_capture_error(e: BaseException) -> CaptureError:
+    if isinstance(e, CaptureError):
+        return e
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return CaptureError(f"{where}{e.strerror or e}")
+    return CaptureError(str(e))
+
+
+def _check_rams(rams: Sequence[tuple[str, str]]) -> tuple[list[int], dict[str, os.stat_result]]:
+    """Sizes of the RAM files; refuses bad or repeated names and anything but
+    a regular file (a FIFO would block, a device has no size)."""
+    sizes, stats, names = [], {}, set()
     for name, path in rams:
+        try:
+            check_region_name(name)
+        except PageMapError as e:
+            raise CaptureError(f"--ram {name}={path}: {e}") from None
+        if name in names:
+            raise CaptureError(f"region name {name!r} is given twice (--ram {name}=...): "
+                               "each region needs its own name")
+        names.add(name)
         try:
             st = os.stat(path)
         except OSError as e:
             raise CaptureError(f"cannot read RAM {path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CaptureError(f"RAM {path} is not a regular file (a FIFO, device or "
+                               "directory cannot be guest RAM)")
         if st.st_size <= 0 or st.st_size % PAGE_SIZE:
             raise CaptureError(f"RAM {path} has size {st.st_size}, not a positive multiple "
                                f"of {PAGE_SIZE}")
         sizes.append(st.st_size)
-    base_pm = _load_base(base, rams, sizes, volume_uri) if base else None
-    view_pm = _load_view(view, rams, sizes) if view else None
-    offsets = layout(sizes)
-    pm = PageMap()
-    vol_index = pm.disk_index(volume_uri)
-    result = CaptureResult(volume=volume_uri, pagemap=out)
-    bar = Progress(sum(sizes), progress)
+        stats[f"RAM {path}"] = st
+    return sizes, stats
+
+
+def _stat_inputs(rams: dict[str, os.stat_result], referencer: Referencer | None,
+                 volume_path: str | None) -> dict[str, os.stat_result]:
+    inputs = dict(rams)
+    if referencer is not None:
+        try:
+            parsed = parse_uri(referencer.disk_uri)
+            if parsed.scheme == "file":
+                inputs[f"disk {referencer.disk_uri}"] = os.stat(parsed.path)
+        except (DiskError, OSError):
+            pass  # the referencer reports its own disk's errors
+    if volume_path is not None:
+        try:
+            inputs[f"volume {volume_path}"] = os.stat(volume_path)
+        except OSError:
+            pass
+    return inputs
+
+
+async def _open_volume(volume_uri: str, size: int, rams: dict[str, os.stat_result],
+                       referencer: Referencer | None, stack: AsyncExitStack) -> Disk:
+    """The volume, locked for the capture; a file volume this capture creates
+    is removed again if the capture fails."""
     try:
-        volume = await open_disk(volume_uri, writable=True, create_size=offsets[-1])
+        parsed = parse_uri(volume_uri)
     except DiskError as e:
-        raise CaptureError(f"cannot open volume: {e}") from None
-    async with volume:
+        raise CaptureError(f"bad volume: {e}") from None
+    if parsed.scheme != "file":
+        stack.callback(outputs.lock_uri(volume_uri).release)
+        try:
+            disk = await open_disk(volume_uri, writable=True, create_size=size)
+        except DiskError as e:
+            raise CaptureError(f"cannot open volume: {e}") from None
+        stack.push_async_callback(disk.aclose)
+        return disk
+    ov = await trio.to_thread.run_sync(outputs.open_volume, parsed.path, size,
+                                       _stat_inputs(rams, referencer, None))
+
+    def close(exc_type: object, *_: object) -> bool:
+        if ov.created and exc_type is not None:  # still locked: nobody else uses it
+            outputs.discard(ov.fd, parsed.path)
+        os.close(ov.fd)
+        return False
+    stack.push(close)
+    disk = FileDisk(volume_uri, os.dup(ov.fd), ov.size, True)
+    stack.push_async_callback(disk.aclose)
+    return disk
+
+
+async def _capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
+                   base: str | None, referencer: Referencer | None,
+                   progress: bool | None, view: str | None) -> CaptureResult:
+    t0 = time.monotonic()
+    sizes, ram_stats = _check_rams(rams)
+    try:
+        out_st: os.stat_result | None = os.stat(out)
+    except OSError:
+        out_st = None
+    if out_st is not None:
+        outputs.refuse_same({f"page map {out}": out_st},
+                            _stat_inputs(ram_stats, referencer, None))
+    offsets = layout(sizes)
+    id_at = vol_id.identity_offset(sizes)
+    async with AsyncExitStack() as stack:
+        stack.callback(outputs.lock_pagemap(out).release)
+        base_pm = _load_base(base, rams, sizes, volume_uri) if base else None
+        view_pm = _load_view(view, rams, sizes) if view else None
+        volume = await _open_volume(volume_uri, offsets[-1], ram_stats, referencer, stack)
         if volume.size < offsets[-1]:
             raise CaptureError(f"volume {volume_uri} holds {volume.size} bytes; the RAM "
-                               f"needs {offsets[-1]}")
+                               f"needs {offsets[-1]} (with its 4 KiB identity block)")
+        try:
+            out_st = os.stat(out)
+        except OSError:
+            out_st = None
+        if out_st is not None:  # --out and --volume may name the same file
+            outputs.refuse_same({f"page map {out}": out_st},
+                                _stat_inputs(ram_stats, referencer,
+                                             parse_uri(volume_uri).path
+                                             if "://" not in volume_uri else None))
+        ident = await _volume_identity(volume, id_at, base, base_pm, volume_uri)
+        pm = PageMap()
+        vol_index = pm.disk_index(volume_uri)
+        result = CaptureResult(volume=volume_uri, pagemap=out)
+        bar = Progress(sum(sizes), progress)
         for (name, path), size, voff in zip(rams, sizes, offsets):
             region = Region.empty(name, size)
             old = base_pm.region(name) if base_pm else None
@@ -174,13 +303,56 @@ async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
             pm.regions.append(region)
             result.regions[name] = size
         await volume.flush()
-    pm.meta = {"created": time.time(), "pass": (base_pm.meta.get("pass", 1) + 1) if base_pm
-               else 1, "volume": volume_uri}
-    if result.hot:  # pages the guest is busy with: worth fetching first
-        pm.meta["hot"] = {name: pack_pages(pages) for name, pages in result.hot.items()}
-    await trio.to_thread.run_sync(pm.save, out)
+        pm.meta = {"created": time.time(), "pass": (base_pm.meta.get("pass", 1) + 1)
+                   if base_pm else 1, "volume": volume_uri}
+        _record_volumes(pm, volume_uri, ident, id_at, base_pm, view_pm)
+        if result.hot:  # pages the guest is busy with: worth fetching first
+            pm.meta["hot"] = {name: pack_pages(pages) for name, pages in result.hot.items()}
+        try:
+            await trio.to_thread.run_sync(pm.save, out)
+        except OSError as e:
+            raise CaptureError(f"cannot write page map {out}: {e.strerror}") from None
     result.seconds = round(time.monotonic() - t0, 3)
     return result
+
+
+async def _volume_identity(volume: Disk, at: int, base: str | None, base_pm: PageMap | None,
+                           volume_uri: str) -> str:
+    """The volume's identity; with a base, the one the base recorded (a
+    recreated volume is refused before anything is written to it)."""
+    try:
+        if base_pm is not None:
+            want = vol_id.recorded(base_pm.meta).get(volume_uri)
+            if want is not None:
+                have = await vol_id.read_identity(volume, want[1])
+                if have != want[0] or want[1] != at:
+                    raise CaptureError(
+                        f"base page map {base} was captured to another volume {volume_uri} "
+                        f"(identity {want[0]}; this one has {have or 'none'}): the volume was "
+                        "recreated or replaced, and the base's pages are not on it; capture "
+                        "without --base")
+                return want[0]
+            log.warning("base page map %s records no identity for volume %s", base, volume_uri)
+        return await vol_id.ensure_identity(volume, at)
+    except vol_id.VolumeError as e:
+        raise CaptureError(str(e)) from None
+
+
+def _record_volumes(pm: PageMap, volume_uri: str, ident: str, at: int,
+                    *sources: PageMap | None) -> None:
+    """The new volume's identity, and those of the base's or view's volumes
+    that pages still refer to."""
+    for src in sources:
+        if src is None:
+            continue
+        try:
+            known = vol_id.recorded(src.meta)
+        except PageMapError:
+            continue
+        for uri, (other, other_at) in known.items():
+            if uri in pm.disks and uri != volume_uri:
+                vol_id.record(pm.meta, uri, other, other_at)
+    vol_id.record(pm.meta, volume_uri, ident, at)
 
 
 def _load_base(base: str, rams: Sequence[tuple[str, str]], sizes: list[int],

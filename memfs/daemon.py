@@ -29,6 +29,7 @@ from .trace import Trace, pack_pages
 from .stats import Stats
 from .state import State
 from .store import LocalStore
+from .volume import check_pagemap as check_volumes
 from .takeover import Takeover, detach
 from .sync import VolumeSync, export, volume_layout
 
@@ -187,6 +188,7 @@ class Daemon:
             disk = await open_disk(uri)
             self._stack.push_async_callback(disk.aclose)
             disks.append(disk)
+        await check_volumes(pm, disks)  # a recreated volume: refused before any page
         self.disks = disks
         if self.state is not None:  # the map as installed; the journal goes on top
             await trio.to_thread.run_sync(self.state.installing, pm)

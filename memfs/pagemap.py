@@ -204,10 +204,15 @@ class PageMap:
 
 # -- validation ------------------------------------------------------------
 
-def _check_geometry(name: Any, size: Any, page_size: Any) -> None:
+def check_region_name(name: Any) -> None:
+    """A region is a file in the mount: a plain, visible file name."""
     if not isinstance(name, str) or not name or "/" in name or "\0" in name \
-            or name.startswith(".") or len(name.encode()) > 255:
+            or name.startswith(".") or len(name.encode(errors="replace")) > 255:
         raise PageMapError(f"bad region name {name!r}")
+
+
+def _check_geometry(name: Any, size: Any, page_size: Any) -> None:
+    check_region_name(name)
     if type(page_size) is not int or page_size < 4096 or page_size & (page_size - 1) \
             or page_size > 1 << 30:
         raise PageMapError(f"region {name!r}: bad page size {page_size!r}")

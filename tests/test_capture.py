@@ -12,7 +12,8 @@ from ramimage import PS, make_ram, memfs
 
 
 def test_layout_aligns_regions() -> None:
-    assert layout([PS, 3 << 20]) == [0, 1 << 20, 4 << 20]
+    # the last entry is the volume size: the regions and the identity block
+    assert layout([PS, 3 << 20]) == [0, 1 << 20, (4 << 20) + 4096]
 
 
 def test_parse_ram_args() -> None:
@@ -103,4 +104,4 @@ def test_cli_capture_json_and_two_regions(tmp_path) -> None:
     pm = PageMap.load(tmp_path / "pm")
     assert [r.name for r in pm.regions] == ["pc.ram", "extra"]
     assert pm.region("extra").offsets[1] == (1 << 20) + PS  # second region at 1 MiB
-    assert os.path.getsize(tmp_path / "vol") == 3 << 20
+    assert os.path.getsize(tmp_path / "vol") == (3 << 20) + 4096  # with its identity block
