@@ -414,6 +414,10 @@ def umount(mountpoint: str | os.PathLike[str], *, force: bool = False,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _running(pid):
+            # exited; give init a moment to reap it, so that the pid is gone too
+            reaped = min(deadline, time.monotonic() + 5.0)
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < reaped:
+                time.sleep(0.02)
             break
         time.sleep(0.02)
     else:
