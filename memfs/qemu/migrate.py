@@ -6,11 +6,13 @@ memfd, or a file in another memfs mount); the destination QEMU, started with
 (``memfs mount --region NAME:SIZE``).  The steps:
 
 1. capture passes while the source runs (pass 2+ rewrite changed pages only);
-2. ``stop`` the source; the final pass (the downtime starts here);
-3. hand the page map to the destination's mount (control ``load``);
-4. migrate the device state alone: capability ``x-ignore-shared`` on both
-   sides keeps the shared RAM out of the stream;
-5. ``cont`` the destination; the source may be switched off.
+2. ``stop`` the source (the downtime starts here); then, at the same time:
+   the final pass and the hand-over of the page map to the destination's
+   mount (control ``load``), and the device state alone (capability
+   ``x-ignore-shared`` on both sides keeps the shared RAM out of the stream;
+   the destination's reads of RAM wait for the page map);
+3. ``cont`` the destination once both are done; the source may be
+   switched off.
 
 If the source RAM is itself served by memfs (a guest that booted on a
 ``memfs mount --new`` source mount, or one that came here the same way), no
@@ -317,28 +319,40 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
         stopped = True
         t_stop = time.monotonic()
         mark("stopped")
-        await one_pass(opts.passes)
-        mark("final_pass")
-        rep.final_pass_ms = round((time.monotonic() - t_stop) * 1000, 1)
-        try:
-            await trio.to_thread.run_sync(control.load, opts.dest_mount, opts.pagemap)
-        except (control.ControlError, OSError) as e:
-            raise MigrateError(f"the destination mount refused the page map: {e}") from None
-        mark("loaded")
-        t_dev = time.monotonic()
-        watch = MigrationWatch(started=t_dev)
-        await src.execute("migrate", {"uri": outgoing})
-        await watch.until(src, timeout=opts.timeout, interval=0.005)
-        rep.src_free_ms = round((time.monotonic() - t0) * 1000, 1)
-        mark("source_done")
-        rep.qemu_downtime_ms = watch.info.get("downtime")
-        if not rep.stream_counted:
-            rep.stream_bytes = int(watch.info.get("ram", {}).get("transferred", 0))
-        with trio.fail_after(opts.timeout):
-            while (await dst.execute("query-status"))["status"] == "inmigrate":
-                await trio.sleep(0.005)
-        rep.device_ms = round((time.monotonic() - t_dev) * 1000, 1)
-        mark("destination_loaded")
+        async def pages() -> None:
+            """The final pass and the hand-over of the page map."""
+            await one_pass(opts.passes)
+            mark("final_pass")
+            rep.final_pass_ms = round((time.monotonic() - t_stop) * 1000, 1)
+            try:
+                await trio.to_thread.run_sync(control.load, opts.dest_mount, opts.pagemap)
+            except (control.ControlError, OSError) as e:
+                raise MigrateError(f"the destination mount refused the page map: {e}") from None
+            mark("loaded")
+
+        async def devices() -> None:
+            """The device state, meanwhile: the shared RAM is not in the stream,
+            and a READ of the destination's RAM before its page map arrives
+            waits for it (DESIGN.md invariant 4)."""
+            watch = MigrationWatch(started=t_stop)
+            await src.execute("migrate", {"uri": outgoing})
+            await watch.until(src, timeout=opts.timeout, interval=0.005)
+            mark("source_done")
+            rep.qemu_downtime_ms = watch.info.get("downtime")
+            if not rep.stream_counted:
+                rep.stream_bytes = int(watch.info.get("ram", {}).get("transferred", 0))
+            with trio.fail_after(opts.timeout):
+                while (await dst.execute("query-status"))["status"] == "inmigrate":
+                    await trio.sleep(0.005)
+            rep.device_ms = round((time.monotonic() - t_stop) * 1000, 1)
+            mark("destination_loaded")
+
+        # both at once: the downtime is the longer of the two, not their sum
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pages)
+            nursery.start_soon(devices)
+        # free once the device state is sent and every page is on the volume
+        rep.src_free_ms = max(steps["source_done"], steps["final_pass"])
         await dst.execute("cont")
         resumed = True
         t_run = time.monotonic()
