@@ -29,6 +29,7 @@ from .trace import Trace, pack_pages
 from .stats import Stats
 from .state import State
 from .store import LocalStore
+from . import volume as volumes
 from .volume import check_pagemap as check_volumes
 from .takeover import Takeover, detach
 from .sync import VolumeSync, export, volume_layout
@@ -149,6 +150,8 @@ class Daemon:
         self.stats.gauges.append(self._prefetch_stats)
         self._inited = trio.Event()
         self.sync: VolumeSync | None = None
+        #: the sync volume's identity and where it lies (memfs.volume)
+        self.volume_id: tuple[str, int] = ("", 0)
         self._nursery: trio.Nursery | None = None
         #: stopping (memfs umount, SIGTERM): the prefetch first, then FUSE
         self._prefetch_scope = trio.CancelScope()
@@ -306,12 +309,16 @@ class Daemon:
         log.info("written pages go to volume %s", uri)
 
     async def _open_volume(self, uri: str) -> Disk:
-        end = volume_layout(list(self.pages.sizes.values()))[-1]
-        volume = await open_disk(uri, writable=True, create_size=end)
-        self._stack.push_async_callback(volume.aclose)
-        if volume.size < end:
-            raise MountError(f"volume {uri} holds {volume.size} bytes; the regions need {end}")
-        return volume
+        """Open (or create) the volume and learn (or write) its identity."""
+        sizes = list(self.pages.sizes.values())
+        end = volume_layout(sizes)[-1]
+        disk = await open_disk(uri, writable=True, create_size=end)
+        self._stack.push_async_callback(disk.aclose)
+        if disk.size < end:
+            raise MountError(f"volume {uri} holds {disk.size} bytes; the regions need {end}")
+        self.volume_id = (await volumes.ensure_identity(
+            disk, volumes.identity_offset(sizes)), volumes.identity_offset(sizes))
+        return disk
 
     async def fsync_regions(self) -> None:
         """Make the kernel write back every dirty page of every region (from a
@@ -329,7 +336,9 @@ class Daemon:
         """Write back, copy what is dirty, and save a page map whose every
         page is zero or remote (a volume or the disk it came from)."""
         assert self.sync is not None
+        t0 = time.perf_counter()
         await self.fsync_regions()
+        t1 = time.perf_counter()
         self.sync.record = copied = {}
         try:
             for _ in range(8):
@@ -344,12 +353,20 @@ class Daemon:
         except ValueError as e:
             raise ValueError(f"{e}: the guest writes faster than pages are copied; "
                              "stop it first") from None
+        vols = self.pages.pagemap.meta.get(volumes.META_KEY, {})
         pm.meta = {"created": time.time(), "source": "mount", "volume": self.sync.volume.uri,
                    "mountpoint": self.opts.mountpoint,
+                   volumes.META_KEY: {u: v for u, v in vols.items() if u in pm.disks},
                    # what the guest was busy writing: the destination fetches it first
                    "hot": {n: pack_pages(sorted(set(p))) for n, p in copied.items()}}
+        t2 = time.perf_counter()
+        volumes.record(pm.meta, self.sync.volume.uri, *self.volume_id)
         await trio.to_thread.run_sync(pm.save, path)
-        log.info("flushed: page map %s, %s", path, pm.counts())
+        t3 = time.perf_counter()
+        log.info("flushed: page map %s, %s; write-back %.1f ms, copy %.1f ms (%d pages), "
+                 "page map %.1f ms (volume flush %.1f ms)", path, pm.counts(), (t1 - t0) * 1e3,
+                 (t2 - t1) * 1e3, sum(len(v) for v in copied.values()), (t3 - t2) * 1e3,
+                 self.sync.flush_seconds * 1e3)
         return pm
 
     def fuse_options(self) -> set[str]:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import trio
 
+from . import volume
 from .disks import Disk
 from .pagemap import ZERO_CHECKSUM, ZERO_PAGE, PageMap, PageState, Region, checksum
 
@@ -44,20 +45,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memfs.sync")
 
-ALIGN = 1 << 20
 #: pages per run (one store read, one volume write) and per batch of runs
 RUN_PAGES = 256
 BATCH_PAGES = 1024
 
 
 def volume_layout(sizes: list[int]) -> list[int]:
-    """Volume offset of each region, and the end (capture's identity layout)."""
-    offsets, at = [], 0
-    for s in sizes:
-        offsets.append(at)
-        at += (s + ALIGN - 1) // ALIGN * ALIGN
-    offsets.append(at)
-    return offsets
+    """Volume offset of each region, then the volume's size: capture's
+    identity layout, with the volume's identity block after the RAM."""
+    offsets = [volume.ram_end(sizes[:i]) for i in range(len(sizes))]
+    return offsets + [volume.volume_size(sizes)]
 
 
 class VolumeSync:

@@ -94,9 +94,10 @@ def test_writes_are_tracked_copied_and_flushed(tmp_path) -> None:
         assert read_stat(mnt, "pages_dirty") == len(first)
         assert read_stat(mnt, "sync_bytes") == 0
         control.send(mnt, "sync-resume")
-        wait_for(lambda: read_stat(mnt, "pages_dirty") == 0)
+        # a pass ends with the volume's flush
+        wait_for(lambda: read_stat(mnt, "sync_passes") >= 1)
+        assert read_stat(mnt, "pages_dirty") == 0
         assert read_stat(mnt, "sync_bytes") == len(first) * PS
-        assert read_stat(mnt, "sync_passes") >= 1
 
         # later writes, with the background copy paused: the flush copies them
         control.send(mnt, "sync-pause")
@@ -114,6 +115,8 @@ def test_writes_are_tracked_copied_and_flushed(tmp_path) -> None:
     pm = PageMap.load(out)
     (r,) = pm.regions
     assert pm.disks == [vol] and pm.meta["source"] == "mount"
+    # the page map names the volume by the identity the volume holds
+    assert list(pm.meta["volumes"]) == [vol]
     written = set(first) | set(later)
     for p in range(NPAGES):
         data = bytes(expect[p * PS:(p + 1) * PS])
