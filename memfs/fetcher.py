@@ -156,13 +156,21 @@ class Fetcher:
         if self._failures:
             recent, why = self._recent_failure(region, pages)
             if recent:
-                self.stats.add("reads_failed_fast")
-                log.warning("region %s pages %s failed less than %g s ago; failed again "
-                            "without asking the disk", region.name, _ranges(recent),
-                            self.fail_window)
+                partial: dict[int, memoryview] = {}
+                if prefetch:  # the others are still worth having
+                    rest = sorted(set(pages).difference(recent))
+                    try:
+                        partial = await self.fetch(region, rest, prefetch=True) if rest else {}
+                    except FetchError as e:
+                        partial = getattr(e, "partial", {})
+                else:
+                    self.stats.add("reads_failed_fast")
+                    log.warning("region %s pages %s failed less than %g s ago; failed again "
+                                "without asking the disk", region.name, _ranges(recent),
+                                self.fail_window)
                 err = FetchError(region.name, recent, f"failed moments ago, not asked again "
                                  f"for {self.fail_window:g} s: {why}")
-                err.partial = {}  # type: ignore[attr-defined]
+                err.partial = partial  # type: ignore[attr-defined]
                 raise err
         runs = coalesce(region, pages, self._run_bytes(region), self.max_gap)
         good: dict[int, memoryview] = {}

@@ -198,8 +198,14 @@ async def test_fetcher_retries_share_the_deadline_and_recent_failures_fail_fast(
                                            "moments ago, not asked again for 0.5 s: ")
             assert stats.counters["reads_failed_fast"] == 1
             assert stats.counters["fetch_requests"] == 2
-            # after the window, with the server back, the same pages come
+            # a prefetch over them skips them and still fetches the rest
             srv.resume()
+            with pytest.raises(FetchError) as e:
+                await fetcher.fetch(region, [3, 4, 5, 6], prefetch=True)
+            assert e.value.pages == [3, 4]
+            assert sorted(e.value.partial) == [5, 6]  # type: ignore[attr-defined]
+            assert bytes(e.value.partial[6]) == pattern_bytes(6 * PS, PS)  # type: ignore
+            # after the window the same pages come
             await trio.sleep(0.6)
             got = await fetcher.fetch(region, [2, 3, 4])
             assert [bytes(got[i]) for i in (2, 3, 4)] == [pattern_bytes(i * PS, PS)
@@ -599,3 +605,19 @@ async def test_a_new_file_disk_is_created_private_and_never_through_a_link(tmp_p
         await open_disk(link, writable=True, create_size=PS)
     assert str(e.value) == f"{link}: cannot open: File exists"
     assert not os.path.exists(target)
+
+
+@pytest.mark.nbd
+async def test_server_gone_says_why_at_the_deadline() -> None:
+    with nbdkit_server(["pattern", "1M"]) as srv:
+        with trio.fail_after(20):
+            disk = await open_disk(srv.uri + "&timeout=1")
+            assert await disk.read(0, 8) == pattern_bytes(0, 8)
+            srv.kill()
+            with pytest.raises(DiskError) as e:
+                await disk.read(0, 4096)
+            # a SIGKILLed nbdkit leaves its socket file behind: nobody listens on it
+            assert str(e.value) == (f"{srv.uri}&timeout=1: read of 4096 bytes at 0 failed: "
+                                    "timed out after 1.0 s (server closed the connection; "
+                                    "reconnecting: cannot connect: Connection refused)")
+            await disk.aclose()

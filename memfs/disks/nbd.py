@@ -68,6 +68,8 @@ class NBDDisk(Disk):
         self.size = 0
         self.min_block = 1
         self._lost_writes = 0
+        #: why the last reconnect failed ("" once one succeeds), for timeout messages
+        self._connect_error = ""
         self._stats = {k: 0 for k in (
             "nbd_connections", "nbd_reconnects", "nbd_retries", "nbd_resent", "nbd_in_flight",
             "nbd_timeouts", "nbd_errors", "nbd_server_errors", "nbd_protocol_errors",
@@ -226,10 +228,12 @@ class NBDDisk(Disk):
                 try:
                     conn = await self._open_conn()
                 except (p.NBDConnectionLost, p.NBDProtocolError) as e:
+                    self._connect_error = str(e)
                     log.warning("%s: reconnect failed: %s; again in %.2f s", self.uri, e, delay)
                     await trio.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
+                self._connect_error = ""
                 self._stats["nbd_reconnects"] += 1
                 log.warning("%s: reconnected (connection %d)", self.uri, conn.ident)
                 if conn.info.multi_conn and self._want_conns > 1 and self._nursery:
@@ -307,6 +311,8 @@ class NBDDisk(Disk):
             if scope.cancelled_caught:
                 self._stats["nbd_timeouts"] += 1
                 took = trio.current_time() - started
+                if self._connect_error and not any(c.alive for c in self._conns):
+                    last = f"{last}; reconnecting: {self._connect_error}"
                 last = f"timed out after {took:.1f} s ({last})"
         except DiskError as e:
             last = str(e)
