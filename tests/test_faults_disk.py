@@ -621,3 +621,37 @@ async def test_server_gone_says_why_at_the_deadline() -> None:
                                     "timed out after 1.0 s (server closed the connection; "
                                     "reconnecting: cannot connect: Connection refused)")
             await disk.aclose()
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_mount_with_a_bad_disk_is_one_line(tmp_path) -> None:
+    """The daemon opens the page map's disks before mounting: each failure is
+    one line naming the URI, status 1, no traceback, nothing mounted."""
+    mute = socket.socket(socket.AF_UNIX)      # listens, never answers
+    mute.bind(str(tmp_path / "mute"))
+    mute.listen(4)
+    cases = [
+        (f"nbd+unix:///?socket={tmp_path}/none.sock&timeout=2",
+         "cannot connect: No such file or directory"),
+        (f"nbd+unix:///?socket={tmp_path}/mute&timeout=1", "no answer within 1 s"),
+        ("nbd://127.0.0.1:1/?timout=2",
+         "unknown option 'timout' for nbd:// (known: timeout, connections, retries)"),
+        (str(tmp_path / "missing"), "cannot open: No such file or directory"),
+    ]
+    pm_path, _, _, pm = capture_to(tmp_path, lambda v: v)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        for uri, message in cases:
+            pm.disks = [uri]
+            pm.save(pm_path)
+            t = time.monotonic()
+            res = subprocess.run(MEMFS + ["mount", "-f", pm_path, str(mnt)],
+                                 capture_output=True, text=True, timeout=60)
+            print(f"mount with disk {uri}: {res.stderr.strip()!r} in "
+                  f"{time.monotonic() - t:.2f} s")
+            assert (res.returncode, res.stderr) == (1, f"memfs: {uri}: {message}\n")
+            assert not os.path.ismount(mnt)
+    finally:
+        mute.close()
