@@ -80,6 +80,7 @@ class VolumeSync:
         self.volume_end = offs[-1]
         self.passes = 0
         self.writebacks = 0
+        self.writeback_seconds = 0.0
         #: how long the last volume flush took
         self.flush_seconds = 0.0
         self._lock = trio.Lock()
@@ -91,7 +92,8 @@ class VolumeSync:
     def _gauges(self) -> dict[str, object]:
         return {"sync_paused": int(self.paused), "sync_rate": int(self.rate or 0),
                 "sync_passes": self.passes, "sync_volume": self.volume.uri,
-                "sync_writebacks": self.writebacks}
+                "sync_writebacks": self.writebacks,
+                "sync_writeback_ms": round(self.writeback_seconds * 1000)}
 
     def wake(self) -> None:
         self._wake.set()
@@ -104,6 +106,7 @@ class VolumeSync:
             if not self.paused:
                 await self.writeback()
                 self.writebacks += 1
+                self.writeback_seconds += time.monotonic() - t0
                 await self.copy_dirty(limited=True)
             self._wake = trio.Event()
             with trio.move_on_after(max(0.0, t0 + self.interval - time.monotonic())):
