@@ -223,9 +223,11 @@ def _stat_inputs(rams: dict[str, os.stat_result], referencer: Referencer | None,
 
 
 async def _open_volume(volume_uri: str, size: int, rams: dict[str, os.stat_result],
-                       referencer: Referencer | None, stack: AsyncExitStack) -> Disk:
-    """The volume, locked for the capture; a file volume this capture creates
-    is removed again if the capture fails."""
+                       referencer: Referencer | None,
+                       stack: AsyncExitStack) -> tuple[Disk, bool]:
+    """The volume, locked for the capture, and whether it grows as written
+    (a regular file); a file volume this capture creates is removed again if
+    the capture fails."""
     try:
         parsed = parse_uri(volume_uri)
     except DiskError as e:
@@ -237,8 +239,8 @@ async def _open_volume(volume_uri: str, size: int, rams: dict[str, os.stat_resul
         except DiskError as e:
             raise CaptureError(f"cannot open volume: {e}") from None
         stack.push_async_callback(disk.aclose)
-        return disk
-    ov = await trio.to_thread.run_sync(outputs.open_volume, parsed.path, size,
+        return disk, False
+    ov = await trio.to_thread.run_sync(outputs.open_volume, parsed.path,
                                        _stat_inputs(rams, referencer, None))
 
     def close(exc_type: object, *_: object) -> bool:
@@ -249,7 +251,7 @@ async def _open_volume(volume_uri: str, size: int, rams: dict[str, os.stat_resul
     stack.push(close)
     disk = FileDisk(volume_uri, os.dup(ov.fd), ov.size, True)
     stack.push_async_callback(disk.aclose)
-    return disk
+    return disk, stat.S_ISREG(ov.st.st_mode)
 
 
 async def _capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,
@@ -270,8 +272,9 @@ async def _capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *
         stack.callback(outputs.lock_pagemap(out).release)
         base_pm = _load_base(base, rams, sizes, volume_uri) if base else None
         view_pm = _load_view(view, rams, sizes) if view else None
-        volume = await _open_volume(volume_uri, offsets[-1], ram_stats, referencer, stack)
-        if volume.size < offsets[-1]:
+        volume, grows = await _open_volume(volume_uri, offsets[-1], ram_stats, referencer,
+                                           stack)
+        if volume.size < offsets[-1] and not grows:
             raise CaptureError(f"volume {volume_uri} holds {volume.size} bytes; the RAM "
                                f"needs {offsets[-1]} (with its 4 KiB identity block)")
         try:

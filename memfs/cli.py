@@ -71,6 +71,8 @@ def cmd_capture(a: argparse.Namespace) -> int:
         if not (a.disk and a.index):
             raise UsageError("--disk and --index go together")
         referencer = open_referencer(a.disk, a.index, frozen=a.disk_frozen)
+    if not a.debug:  # the answer to a failure is one line; --debug shows the disks' log
+        logging.getLogger().setLevel(logging.CRITICAL)
     res = trio.run(lambda: capture(parse_ram_args(a.ram), a.volume, a.out, base=a.base,
                                    referencer=referencer, view=a.view,
                                    progress=None if not a.no_progress else False))

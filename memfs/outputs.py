@@ -178,9 +178,9 @@ class OpenVolume:
     st: os.stat_result
 
 
-def open_volume(path: str, size: int, inputs: dict[str, os.stat_result]) -> OpenVolume:
-    """Open (or create, 0600, O_EXCL) and lock the file volume ``path``, at
-    least ``size`` bytes, refusing one of the ``inputs`` before touching it.
+def open_volume(path: str, inputs: dict[str, os.stat_result]) -> OpenVolume:
+    """Open (or create, 0600, O_EXCL) and lock the file volume ``path``,
+    refusing one of the ``inputs`` before touching it.  Nothing is written.
     The caller closes ``fd`` (and unlinks a volume it created if the capture
     fails: :func:`discard`)."""
     what = f"volume {path}"
@@ -215,10 +215,7 @@ def open_volume(path: str, size: int, inputs: dict[str, os.stat_result]) -> Open
         locked = True
         if file_id(os.stat(path)) != file_id(st):
             raise OutputError(f"{what} was replaced while it was opened")
-        have = os.lseek(fd, 0, os.SEEK_END)
-        if have < size and stat.S_ISREG(st.st_mode):
-            os.ftruncate(fd, size)
-            have = size
+        have = os.lseek(fd, 0, os.SEEK_END)  # a file grows with its identity block
     except BaseException as e:
         if created and locked:  # unlocked: another capture may be using it already
             discard(fd, path)
