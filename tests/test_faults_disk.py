@@ -407,6 +407,8 @@ def _sock(path: str) -> None:
 
 
 def _chardev(path: str) -> None:
+    if os.geteuid():
+        pytest.skip("mknod of a character device needs root")
     os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))    # /dev/null
 
 
