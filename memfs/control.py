@@ -112,7 +112,8 @@ def mount_root(path: str | os.PathLike[str]) -> str | None:
 #: command -> what its argument must be ("" none, PATH absolute)
 COMMANDS = {"load": "PATH", "save": "PATH", "trace": "PATH", "flush": "PATH",
             "stop": "[force]", "sync": "", "sync-pause": "", "sync-resume": "",
-            "sync-rate": "BYTES", "volume": "URI"}
+            "sync-rate": "BYTES", "volume": "URI",
+            "base": "PATH", "delta": "PATH", "stage": "PATH", "commit": "PATH"}
 
 
 def parse_line(line: str) -> tuple[str, str]:

@@ -12,7 +12,7 @@ import signal
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import pyfuse3
 import trio
@@ -32,7 +32,8 @@ from .store import LocalStore
 from . import volume as volumes
 from .volume import check_pagemap as check_volumes
 from .takeover import Takeover, detach
-from .sync import VolumeSync, export, volume_layout
+from . import handover
+from .sync import VolumeSync, export, export_delta, volume_layout
 
 log = logging.getLogger("memfs.daemon")
 
@@ -150,6 +151,10 @@ class Daemon:
         self.stats.gauges.append(self._prefetch_stats)
         self._inited = trio.Event()
         self.sync: VolumeSync | None = None
+        #: a base page map waiting for its delta, and its open disks
+        self.staged: tuple[PageMap, list[Disk]] | None = None
+        #: (source side) the base this mount handed out, for its delta
+        self.base_id: str | None = None
         #: the sync volume's identity and where it lies (memfs.volume)
         self.volume_id: tuple[str, int] = ("", 0)
         self._nursery: trio.Nursery | None = None
@@ -182,16 +187,44 @@ class Daemon:
 
     async def install(self, pm: PageMap) -> None:
         """Open the page map's disks and hand the map to the page server."""
+        await self._activate(pm, await self._prepare(pm))
+
+    async def _prepare(self, pm: PageMap, have_disks: Sequence[Disk] = ()) -> list[Disk]:
+        """Check ``pm`` against the mount and open its disks (beyond those
+        already open for its first entries)."""
         have = {r.name: r.size for r in pm.regions}
         if have != self.pages.sizes:
             raise PageMapError(f"page map regions {have} do not match the mounted regions "
                                f"{self.pages.sizes}")
-        disks = []
-        for uri in pm.disks:
+        if self.pages.installed.is_set():
+            raise PageMapError("a page map is already installed")
+        disks = list(have_disks)
+        for uri in pm.disks[len(disks):]:
             disk = await open_disk(uri)
             self._stack.push_async_callback(disk.aclose)
             disks.append(disk)
         await check_volumes(pm, disks)  # a recreated volume: refused before any page
+        return disks
+
+    async def stage(self, pm: PageMap) -> None:
+        """A base page map (memfs.handover): checked, disks open, not served
+        until ``commit`` applies the delta."""
+        if handover.BASE_KEY not in pm.meta:
+            raise PageMapError("not a base page map (written by the control command 'base')")
+        self.staged = (pm, await self._prepare(pm))
+        log.info("staged base page map %s: %s", pm.meta[handover.BASE_KEY], pm.counts())
+
+    async def commit(self, delta: PageMap) -> None:
+        """Apply ``delta`` to the staged base and serve the result."""
+        if self.staged is None:
+            raise PageMapError("no staged page map: send 'stage PATH' first")
+        pm, disks = self.staged
+        n = handover.apply_delta(pm, delta)
+        self.staged = None
+        await self._activate(pm, await self._prepare(pm, disks))
+        log.info("committed a delta of %d pages", n)
+
+    async def _activate(self, pm: PageMap, disks: list[Disk]) -> None:
         self.disks = disks
         if self.state is not None:  # the map as installed; the journal goes on top
             await trio.to_thread.run_sync(self.state.installing, pm)
@@ -212,7 +245,7 @@ class Daemon:
             nursery = self._nursery
             assert nursery is not None
             return lambda: nursery.start_soon(self.shutdown, "stop" + " force" * force)
-        if cmd in ("save", "trace", "flush"):
+        if cmd in ("save", "trace", "flush", "base", "delta"):
             async with self._write_target(arg) as target:
                 await self._command(cmd, target)
         else:
@@ -253,7 +286,15 @@ class Daemon:
             view = self.pages.view()
             view.meta["mountpoint"] = self.opts.mountpoint
             await trio.to_thread.run_sync(view.save, path)
-        elif cmd in ("flush", "sync", "sync-pause", "sync-resume", "sync-rate", "volume"):
+        elif cmd == "stage":
+            pm = await trio.to_thread.run_sync(PageMap.load, arg.strip())
+            await self.stage(pm)
+            self.pagemap_path = arg.strip()
+        elif cmd == "commit":
+            delta = await trio.to_thread.run_sync(PageMap.load, arg.strip())
+            await self.commit(delta)
+        elif cmd in ("flush", "sync", "sync-pause", "sync-resume", "sync-rate", "volume",
+                     "base", "delta"):
             await self._sync_control(cmd, arg.strip())
         elif cmd == "trace":
             path = arg.strip()
@@ -284,6 +325,10 @@ class Daemon:
         elif cmd == "sync":
             await self.fsync_regions()
             await sync.copy_dirty()
+        elif cmd == "base":
+            await self.write_base(arg)
+        elif cmd == "delta":
+            await self.flush(arg, delta=True)
         else:
             if not os.path.isabs(arg):
                 raise ValueError("flush needs an absolute path")
@@ -332,10 +377,40 @@ class Daemon:
                     os.close(fd)
         await trio.to_thread.run_sync(work)
 
-    async def flush(self, path: str) -> PageMap:
+    async def write_base(self, path: str) -> None:
+        """A base page map while the guest runs (memfs.handover): the pages
+        dirty now and every page copied from now on go into the delta."""
+        assert self.sync is not None and self.pages.pagemap is not None
+        await self.fsync_regions()
+        await self.sync.copy_dirty()
+        async with self.sync.copying:  # no copy half done
+            # no await from the export to the copy of the dirty bits: one state
+            pm = export(self.pages.pagemap, 0, allow_dirty=True)
+            self.sync.changed = {n: bytearray(b) for n, b in self.pages.dirty.bits.items()}
+            self.base_id = handover.mark_base(pm)
+        self._final_meta(pm)
+        await trio.to_thread.run_sync(pm.save, path)
+        log.info("base page map %s written to %s", self.base_id, path)
+
+    def _final_meta(self, pm: PageMap, copied: dict[str, list[int]] | None = None) -> None:
+        """What a page map from this mount says beside its pages."""
+        assert self.sync is not None and self.pages.pagemap is not None
+        vols = self.pages.pagemap.meta.get(volumes.META_KEY, {})
+        pm.meta.update({"created": time.time(), "source": "mount",
+                        "volume": self.sync.volume.uri, "mountpoint": self.opts.mountpoint,
+                        volumes.META_KEY: {u: v for u, v in vols.items() if u in pm.disks}})
+        if copied is not None:
+            # what the guest was busy writing: the destination fetches it first
+            pm.meta["hot"] = {n: pack_pages(sorted(set(p))) for n, p in copied.items()}
+        volumes.record(pm.meta, self.sync.volume.uri, *self.volume_id)
+
+    async def flush(self, path: str, delta: bool = False) -> PageMap:
         """Write back, copy what is dirty, and save a page map whose every
-        page is zero or remote (a volume or the disk it came from)."""
+        page is zero or remote (a volume or the disk it came from); with
+        ``delta``, only the entries that changed since the base."""
         assert self.sync is not None
+        if delta and (self.base_id is None or self.sync.changed is None):
+            raise ValueError("no base page map: send 'base PATH' first")
         t0 = time.perf_counter()
         await self.fsync_regions()
         t1 = time.perf_counter()
@@ -349,18 +424,18 @@ class Daemon:
             self.sync.record = None
         assert self.pages.pagemap is not None
         try:  # no await between the check and the copy: one consistent state
-            pm = export(self.pages.pagemap, self.pages.dirty.count)
+            if delta:
+                assert self.base_id is not None and self.sync.changed is not None
+                pm = export_delta(self.pages.pagemap, self.pages.dirty.count,
+                                  self.sync.changed, self.base_id)
+                self.sync.changed = self.base_id = None
+            else:
+                pm = export(self.pages.pagemap, self.pages.dirty.count)
         except ValueError as e:
             raise ValueError(f"{e}: the guest writes faster than pages are copied; "
                              "stop it first") from None
-        vols = self.pages.pagemap.meta.get(volumes.META_KEY, {})
-        pm.meta = {"created": time.time(), "source": "mount", "volume": self.sync.volume.uri,
-                   "mountpoint": self.opts.mountpoint,
-                   volumes.META_KEY: {u: v for u, v in vols.items() if u in pm.disks},
-                   # what the guest was busy writing: the destination fetches it first
-                   "hot": {n: pack_pages(sorted(set(p))) for n, p in copied.items()}}
+        self._final_meta(pm, copied)
         t2 = time.perf_counter()
-        volumes.record(pm.meta, self.sync.volume.uri, *self.volume_id)
         await trio.to_thread.run_sync(pm.save, path)
         t3 = time.perf_counter()
         log.info("flushed: page map %s, %s; write-back %.1f ms, copy %.1f ms (%d pages), "

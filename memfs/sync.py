@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import trio
 
-from . import volume
+from . import handover, volume
 from .disks import Disk
 from .pagemap import ZERO_CHECKSUM, ZERO_PAGE, PageMap, PageState, Region, checksum
 
@@ -86,6 +86,9 @@ class VolumeSync:
         self._lock = trio.Lock()
         #: while not None: the pages copied, per region (flush reports them)
         self.record: dict[str, list[int]] | None = None
+        #: while not None: pages whose entry changed since a base page map
+        #: was handed out (memfs.handover), per region
+        self.changed: dict[str, bytearray] | None = None
         self._wake = trio.Event()
         stats.gauges.append(self._gauges)
 
@@ -94,6 +97,11 @@ class VolumeSync:
                 "sync_passes": self.passes, "sync_volume": self.volume.uri,
                 "sync_writebacks": self.writebacks,
                 "sync_writeback_ms": round(self.writeback_seconds * 1000)}
+
+    @property
+    def copying(self) -> trio.Lock:
+        """Held while pages are being copied: hold it to see no copy half done."""
+        return self._lock
 
     def wake(self) -> None:
         self._wake.set()
@@ -187,12 +195,15 @@ class VolumeSync:
         vol = pages.pagemap.disk_index(self.volume.uri)
         n = 0
         async with pages.lock(name):
+            changed = self.changed[name] if self.changed is not None else None
             for (a, b), data in zip(todo, datas):
                 view = memoryview(data)
                 n += b - a
                 for i, p in enumerate(range(a, b)):
                     if region.states[p] != PageState.LOCAL or dirty.is_dirty(name, p):
                         continue  # written again meanwhile: copied again later
+                    if changed is not None:
+                        changed[p] = 1
                     page = view[i * ps:(i + 1) * ps]
                     csum = checksum(page)
                     if csum == ZERO_CHECKSUM and page == ZERO_PAGE:
@@ -206,11 +217,14 @@ class VolumeSync:
         return n
 
 
-def export(pm: PageMap, dirty_count: int) -> PageMap:
+def export(pm: PageMap, dirty_count: int, allow_dirty: bool = False) -> PageMap:
     """The page map of a mount whose dirty pages are all copied: every page
     is ZERO or REMOTE at the location that holds its current content (a
-    LOCAL page that is not dirty is the copy of what its location holds)."""
-    if dirty_count:
+    LOCAL page that is not dirty is the copy of what its location holds).
+
+    ``allow_dirty``: a base for a delta (memfs.handover), whose dirty pages'
+    entries are stale and are sent again in the delta."""
+    if dirty_count and not allow_dirty:
         raise ValueError(f"{dirty_count} pages are still dirty")
     out = PageMap(disks=list(pm.disks))
     local, remote = bytes([PageState.LOCAL]), bytes([PageState.REMOTE])
@@ -219,3 +233,16 @@ def export(pm: PageMap, dirty_count: int) -> PageMap:
                                   bytearray(r.disks), array("Q", r.offsets),
                                   array("Q", r.checksums)))
     return out
+
+
+def export_delta(pm: PageMap, dirty_count: int, changed: dict[str, bytearray],
+                 base_id: str) -> PageMap:
+    """``export`` for the pages ``changed`` marks only: the delta to the base
+    ``base_id`` (memfs.handover)."""
+    if dirty_count:
+        raise ValueError(f"{dirty_count} pages are still dirty")
+    delta = handover.make_delta(pm, changed, base_id)
+    local, remote = bytes([PageState.LOCAL]), bytes([PageState.REMOTE])
+    for r in delta.regions:
+        r.states[:] = r.states.replace(local, remote)
+    return delta

@@ -283,7 +283,7 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
 
     passes: ReadPasses | MountPasses
     if src_mount and ref is None:
-        passes = MountPasses(src_mount, opts.volume)
+        passes = MountPasses(src_mount, opts.volume, opts.dest_mount, tmp, opts.passes)
         try:
             rep.volume = await passes.prepare()
         except PassError as e:
@@ -325,7 +325,7 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
             mark("final_pass")
             rep.final_pass_ms = round((time.monotonic() - t_stop) * 1000, 1)
             try:
-                await trio.to_thread.run_sync(control.load, opts.dest_mount, opts.pagemap)
+                await passes.hand_over(opts.dest_mount, opts.pagemap)
             except (control.ControlError, OSError) as e:
                 raise MigrateError(f"the destination mount refused the page map: {e}") from None
             mark("loaded")
@@ -370,6 +370,11 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
     rep.total_ms = round((t_run - t0) * 1000, 1)
     if isinstance(passes, MountPasses):  # the final pass's figures, now that it is over
         await passes.account(rep.passes[-1])
+        try:
+            await passes.finish(opts.pagemap)
+        except PassError as e:
+            log.warning("the guest runs on the destination, but the page map for the "
+                        "record was not written: %s", e)
         rep.volume_bytes += rep.passes[-1]["bytes_written"]
     st = await trio.to_thread.run_sync(control.read_stats, opts.dest_mount)
     rep.pages_remote_at_resume = int(st.get("pages_remote", 0))

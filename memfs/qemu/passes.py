@@ -37,6 +37,12 @@ class ReadPasses:
         self.view_mount = view_mount
         self.base: str | None = None
 
+    async def hand_over(self, dest_mount: str, out: str) -> None:
+        await trio.to_thread.run_sync(control.load, dest_mount, out)
+
+    async def finish(self, out: str) -> None:
+        pass
+
     async def run(self, i: int, out: str | None) -> dict[str, Any]:
         """Pass ``i``; ``out`` is the page map to write for the final pass."""
         view = None
@@ -56,9 +62,16 @@ class ReadPasses:
 class MountPasses:
     """Passes on a source that is a memfs mount tracking its guest's writes."""
 
-    def __init__(self, mount: str, volume: str | None) -> None:
+    def __init__(self, mount: str, volume: str | None, dest_mount: str | None = None,
+                 tmp: str | None = None, passes: int = 0) -> None:
         self.mount = mount
         self.volume = volume
+        #: the base page map goes to this destination mount in the last pass
+        #: while the source runs (memfs.handover); the final pass sends a delta
+        self.dest_mount = dest_mount
+        self.tmp = tmp
+        self.passes = passes
+        self.staged: str | None = None
         self.sync_bytes = 0
         self.written_back = 0
         self.bytes_before = 0
@@ -95,11 +108,42 @@ class MountPasses:
         with the guest stopped, so it asks for nothing else: ``account``
         fills in its figures once the destination runs."""
         t0 = time.monotonic()
-        await self._send(f"flush {out}" if out else "sync")
-        res: dict[str, Any] = {"seconds": round(time.monotonic() - t0, 3), "source": "mount"}
+        res: dict[str, Any] = {"source": "mount"}
+        if out and self.staged:
+            await self._send(f"delta {self.staged}.delta")
+        elif out:
+            await self._send(f"flush {out}")
+        elif i == self.passes - 1 and self.dest_mount and self.tmp:
+            # the last pass while the guest runs: the base goes over now
+            base = os.path.join(self.tmp, "base.pagemap")
+            await self._send(f"base {base}")
+            try:
+                await trio.to_thread.run_sync(control.send, self.dest_mount, f"stage {base}")
+            except control.ControlError as e:
+                raise PassError(f"{self.dest_mount}: stage: {e}") from None
+            self.staged = base
+            res["staged"] = True
+        else:
+            await self._send("sync")
+        res["seconds"] = round(time.monotonic() - t0, 3)
         if not out:
             await self.account(res)
         return res
+
+    async def hand_over(self, dest_mount: str, out: str) -> None:
+        """Give the destination the final page map: the delta to its staged
+        base, or the whole map."""
+        if self.staged:
+            await trio.to_thread.run_sync(control.send, dest_mount,
+                                          f"commit {self.staged}.delta")
+        else:
+            await trio.to_thread.run_sync(control.load, dest_mount, out)
+
+    async def finish(self, out: str) -> None:
+        """After a hand-over by delta: the whole page map for the record (the
+        source is stopped: nothing is dirty, nothing is copied)."""
+        if self.staged:
+            await self._send(f"flush {out}")
 
     async def account(self, res: dict[str, Any]) -> None:
         """What the pass ``res`` copied: the mount's counters since the last."""
