@@ -558,6 +558,20 @@ def remote_split(pm: PageMap) -> dict[str, int]:
 
 # -- command -------------------------------------------------------------------
 
+def _refuse_out_is_disk(disk_uri: str, out: str) -> None:
+    """``--out`` must not be the disk itself (compared as files, not names)."""
+    try:
+        parsed = parse_uri(disk_uri)
+        if parsed.scheme != "file":
+            return
+        a, b = os.stat(parsed.path), os.stat(out)
+    except (DiskError, OSError):
+        return
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        raise DiskIndexError(f"index {out} is the same file as disk {disk_uri}: refusing to "
+                             "write into it")
+
+
 def cmd_index(a: argparse.Namespace) -> int:
     base = None
     changed = None
@@ -573,9 +587,13 @@ def cmd_index(a: argparse.Namespace) -> int:
     except DiskIndexError as e:
         print(f"memfs: base index: {e}", file=sys.stderr)
         return 1
+    _refuse_out_is_disk(a.disk, a.out)
     index, res = trio.run(lambda: build_index(a.disk, base=base, changed=changed,
                                               progress=False if a.no_progress else None))
-    index.save(a.out)
+    try:
+        index.save(a.out)
+    except OSError as e:
+        raise DiskIndexError(f"cannot write index {a.out}: {e.strerror}") from None
     res.index = a.out
     if a.json:
         print(json.dumps(res.as_dict(), indent=1))

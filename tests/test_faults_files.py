@@ -461,6 +461,22 @@ def test_outputs_that_are_inputs_are_refused(tmp_path, ram) -> None:
     assert sorted(os.listdir(tmp_path)) == ["disk", "idx", "ram2", "vm.ram"]
 
 
+def test_index_out_that_is_the_disk_or_a_link_is_refused(tmp_path) -> None:
+    disk = str(tmp_path / "disk")
+    data = make_ram(disk, 64)
+    res = memfs("index", disk, "--out", disk, "--no-progress", check=False)
+    assert _one_line(res) == (f"memfs: index {disk} is the same file as disk {disk}: refusing "
+                              "to write into it")
+    link = str(tmp_path / "link")
+    os.symlink(_victim(tmp_path), link)
+    res = memfs("index", disk, "--out", link, "--no-progress", check=False)
+    assert _one_line(res) == (f"memfs: cannot write index {link}: is a symbolic link (memfs "
+                              "never writes through one)")
+    assert open(disk, "rb").read() == data
+    assert open(tmp_path / "victim", "rb").read() == b"belongs to nobody\n"
+    assert sorted(os.listdir(tmp_path)) == ["disk", "link", "victim"]
+
+
 def test_fifo_and_directory_are_not_ram(tmp_path) -> None:
     fifo = str(tmp_path / "fifo")
     os.mkfifo(fifo)
