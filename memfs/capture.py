@@ -233,7 +233,7 @@ async def _open_volume(volume_uri: str, size: int, rams: dict[str, os.stat_resul
     except DiskError as e:
         raise CaptureError(f"bad volume: {e}") from None
     if parsed.scheme != "file":
-        stack.callback(outputs.lock_uri(volume_uri).release)
+        stack.callback(outputs.lock_uri(volume_uri, parsed).release)
         try:
             disk = await open_disk(volume_uri, writable=True, create_size=size)
         except DiskError as e:

@@ -26,10 +26,12 @@ import errno
 import fcntl
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 
 import xxhash
 
+from .disks import DiskURI
 from .fileio import PRIVATE, create_new
 
 LOCK_DIR = "/run/memfs/locks"
@@ -148,14 +150,35 @@ def lock_pagemap(out: str) -> Lock:
     return lock_file(os.path.join(parent, f".{name[:200]}.lock"), what)
 
 
-def lock_uri(uri: str) -> Lock:
-    """A host-wide lock for a volume that is not a local file (NBD)."""
+def _lock_dir() -> str:
+    """/run/memfs/locks for root; a private directory of ours otherwise."""
     try:
         os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+        return LOCK_DIR
+    except PermissionError:
+        pass
+    d = os.path.join(tempfile.gettempdir(), f"memfs-{os.geteuid()}-locks")
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise OSError(errno.EPERM, "is not a private directory of ours", d)
+    return d
+
+
+def lock_uri(uri: str, parsed: DiskURI) -> Lock:
+    """A host-wide lock for a volume that is not a local file (NBD), named
+    after what the URI addresses (not its options)."""
+    try:
+        d = _lock_dir()
     except OSError as e:
-        raise OutputError(f"volume {uri}: cannot create {LOCK_DIR}: {e.strerror}") from None
-    name = xxhash.xxh3_64_hexdigest(uri.encode()) + ".lock"
-    lock = lock_file(os.path.join(LOCK_DIR, name), f"volume {uri}")
+        raise OutputError(f"volume {uri}: no lock directory: {e.filename}: "
+                          f"{e.strerror}") from None
+    key = f"{parsed.scheme}|{parsed.host}|{parsed.port}|{parsed.socket}|{parsed.export}"
+    name = xxhash.xxh3_64_hexdigest(key.encode()) + ".lock"
+    lock = lock_file(os.path.join(d, name), f"volume {uri}")
     lock.path = ""  # kept: other captures look for it under the same name
     return lock
 

@@ -423,6 +423,23 @@ def test_a_second_capture_to_the_same_volume_or_page_map_fails_at_once(tmp_path,
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []
 
 
+@pytest.mark.nbd
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_a_second_capture_to_the_same_nbd_export_fails_at_once(tmp_path, ram) -> None:
+    path, data = ram
+    size = identity_offset([len(data)]) + IDENTITY_SIZE
+    with nbdkit_server(["memory", str(size)]) as srv:
+        with blocked_capture(tmp_path, path, len(data), srv.uri, str(tmp_path / "pm")) \
+                as (first, release):
+            other = srv.uri + ("&" if "?" in srv.uri else "?") + "timeout=5"  # same export
+            res = _capture(tmp_path, path, other, str(tmp_path / "other.pm"), check=False)
+            line = _one_line(res)
+            assert line.startswith(f"memfs: volume {other} is in use by pid {first.pid} (")
+            release()
+    assert first.returncode == 0, first.stderr_text
+
+
 # -- inputs that are outputs, bad names, FIFOs, bad paths ---------------------------------
 
 def test_outputs_that_are_inputs_are_refused(tmp_path, ram) -> None:
