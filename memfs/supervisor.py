@@ -63,13 +63,36 @@ class Child:
     chan: socket.socket
     pidfd: int
     started: float
+    prepared: bool = False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def leader_gone(self) -> bool:
+        """The main thread (the only one that reads /dev/fuse) has exited.
+
+        Not the same as the process being gone: a killed daemon that had a
+        region file of its own mount open flushes it on exit, and that
+        flush waits for write-back that only the next daemon can answer.
+        Waiting for the whole process would deadlock; its main thread is
+        gone (state Z) long before."""
+        if self.proc.returncode is not None:
+            return True
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return True
+
+    def signal_kill(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
+        self.signal_kill()
         self.proc.wait()
         self.close()
 
@@ -91,6 +114,8 @@ class Supervisor:
         self.debug = debug
         self.current: Child | None = None
         self.standby: Child | None = None
+        #: killed daemons whose last thread may still be finishing (reaped later)
+        self.dying: list[Child] = []
         self.initialized = False  # some daemon answered the INIT
         self.restarts = 0
         self.stalls: list[float] = []
@@ -140,7 +165,7 @@ class Supervisor:
                 new.close()
             new = self.spawn()
         try:
-            msg = self._message(new, 60)
+            msg = b"prepared" if new.prepared else self._message(new, 60)
             if msg != b"prepared":
                 raise SupervisorError(f"daemon {new.proc.pid}: {msg.decode(errors='replace')}")
         except BaseException:
@@ -149,9 +174,15 @@ class Supervisor:
         t0 = time.monotonic()
         old = self.current
         if old is not None:
-            if old.alive():
+            if not old.leader_gone():
                 log.info("%s: stopping daemon %d", why, old.proc.pid)
-            old.kill()
+            old.signal_kill()
+            deadline = time.monotonic() + 30
+            while not old.leader_gone():  # it reads no request any more
+                if time.monotonic() > deadline:
+                    raise SupervisorError(f"daemon {old.proc.pid} does not die")
+                time.sleep(0.002)
+            self.dying.append(old)
             t0 = min(t0, getattr(old, "died_at", t0))
         flags = (F_RESEND if self.initialized else 0) | \
             (F_RESUMED if (self.resumed or self.initialized) else 0)
@@ -212,7 +243,7 @@ class Supervisor:
                 os.unlink(sock_path)
             except OSError:
                 pass
-            for c in (self.standby, self.current):
+            for c in [self.standby, self.current] + self.dying:
                 if c is not None:
                     c.kill()
 
@@ -225,26 +256,53 @@ class Supervisor:
             p.register(listener, select.POLLIN)
             p.register(wake, select.POLLIN)
             p.register(cur.pidfd, select.POLLIN)
-            for fd, ev in p.poll():
-                if fd == self.fuse_fd:
-                    log.info("the connection of %s ended; stopping", self.state.mountpoint)
-                    cur.proc.wait(timeout=30)
-                    return 0
+            p.register(cur.chan, select.POLLIN)  # HUP: its descriptors are being closed
+            for c in self.dying:
+                p.register(c.pidfd, select.POLLIN)
+            sb = self.standby
+            if sb is not None and not sb.prepared:
+                p.register(sb.chan, select.POLLIN)
+            # a killed daemon's main thread exits long before its process
+            # (see Child.leader_gone), and nothing polls for that: look often
+            events = p.poll(25)
+            if any(fd == self.fuse_fd for fd, _ in events):
+                log.info("the connection of %s ended; stopping", self.state.mountpoint)
+                cur.proc.wait(timeout=30)
+                return 0
+            for fd, ev in events:
                 if fd == wake.fileno():
                     self._signals(wake)
                 elif fd == listener.fileno():
                     self._control(listener)
-                elif fd == cur.pidfd:
-                    self._died(cur)
+                elif fd == cur.chan.fileno():
+                    try:
+                        cur.chan.recv(1 << 16, socket.MSG_DONTWAIT)
+                    except OSError:
+                        pass
+                elif sb is not None and fd == sb.chan.fileno():
+                    try:
+                        msg = sb.chan.recv(1 << 16, socket.MSG_DONTWAIT)
+                    except OSError:
+                        msg = b""
+                    if msg == b"prepared":
+                        sb.prepared = True
+                    else:  # it died: start another
+                        sb.kill()
+                        self.standby = self.spawn()
+            for c in list(self.dying):
+                if c.proc.poll() is not None:
+                    self.dying.remove(c)
+                    c.close()
+            if self.current is cur and cur.leader_gone():
+                self._died(cur)
 
     def _died(self, cur: Child) -> None:
-        cur.proc.wait()
         cur.died_at = time.monotonic()  # type: ignore[attr-defined]
         if not connection_alive(self.fuse_fd):
             return  # unmounted: the loop sees POLLERR next
         lived = time.monotonic() - cur.started
         log.error("daemon %d died (status %s) after %.1fs; restarting it",
-                  cur.proc.pid, cur.proc.returncode, lived)
+                  cur.proc.pid, cur.proc.poll(), lived)
         self._quick_deaths = self._quick_deaths + 1 if lived < 2 else 0
         while True:
             if self._quick_deaths > 3:
@@ -298,6 +356,7 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         return {"pid": self.current.proc.pid if self.current else None,
                 "supervisor": os.getpid(), "restarts": self.restarts,
+                "standby_ready": bool(self.standby and self.standby.prepared),
                 "stall_ms": [round(s * 1000) for s in self.stalls],
                 "mountpoint": self.state.mountpoint}
 
