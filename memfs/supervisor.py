@@ -134,7 +134,7 @@ class Supervisor:
         proc = subprocess.Popen(argv, pass_fds=(self.fuse_fd, theirs.fileno()),
                                 start_new_session=True, stdin=subprocess.DEVNULL)
         theirs.close()
-        return Child(proc, ours, os.pidfd_open(proc.pid), time.monotonic())
+        return Child(proc, ours, os.pidfd_open(proc.pid), 0.0)
 
     def _message(self, child: Child, timeout: float) -> bytes:
         """The child's next message; SupervisorError if it dies or is silent."""
@@ -203,6 +203,7 @@ class Supervisor:
             log.warning("%s: daemon %d took over the connection in %.0f ms (restart %d)",
                         why, new.proc.pid, stall * 1000, self.restarts)
         self.initialized = True
+        new.started = time.monotonic()
         self.standby = self.spawn()
         return stall
 
@@ -303,10 +304,12 @@ class Supervisor:
         lived = time.monotonic() - cur.started
         log.error("daemon %d died (status %s) after %.1fs; restarting it",
                   cur.proc.pid, cur.proc.poll(), lived)
-        self._quick_deaths = self._quick_deaths + 1 if lived < 2 else 0
+        # a daemon that dies as soon as it serves (a request that kills it?):
+        # back off, up to 2 s, rather than spin
+        self._quick_deaths = self._quick_deaths + 1 if lived < 0.1 else 0
         while True:
             if self._quick_deaths > 3:
-                time.sleep(1.0)  # a daemon that cannot start: do not spin
+                time.sleep(min(2.0, 0.05 * 2 ** (self._quick_deaths - 3)))
             try:
                 self.switch("daemon died")
                 return
