@@ -147,13 +147,13 @@ class DiskIndex:
 
     def save(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
         """Write atomically, never through a symbolic link (raises OSError)."""
-        msgfile.write(path, FORMAT, [self._doc()], mode)
+        msgfile.write(path, FORMAT, [self._doc()], mode=mode)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "DiskIndex":
-        data = msgfile.read(path, FORMAT)
+        doc = msgfile.load(path, FORMAT)
         try:
-            return cls.loads(data)
+            return _from_doc(doc)
         except DiskIndexError as e:
             raise DiskIndexError(f"{os.fspath(path)}: {e}") from None
 

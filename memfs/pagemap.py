@@ -161,45 +161,51 @@ class PageMap:
 
     # -- serialisation -----------------------------------------------------
 
-    def _chunks(self) -> Iterator[bytes | memoryview]:
-        """The msgpack encoding, piece by piece, so that the large per-page
-        arrays are written straight from memory instead of being copied into
-        one growing buffer."""
-        pk = msgpack.Packer(use_bin_type=True)
-        head = {"disks": list(self.disks), "meta": self.meta}
-        yield pk.pack_map_header(len(head) + 1)
-        for k, v in head.items():
-            yield pk.pack(k) + pk.pack(v)
-        yield pk.pack("regions") + pk.pack_array_header(len(self.regions))
+    def _doc(self) -> bytes:
+        """The msgpack document: disks, meta, and each region's geometry; the
+        per-page arrays follow it in the file's raw tail, region by region
+        (states, disks, offsets, checksums), written straight from memory."""
+        regions = [{"name": r.name, "size": r.size, "page_size": r.page_size}
+                   for r in self.regions]
+        return msgpack.packb({"disks": list(self.disks), "meta": self.meta,
+                              "regions": regions}, use_bin_type=True)
+
+    def _raw(self) -> list[memoryview]:
+        out = []
         for r in self.regions:
-            yield pk.pack_map_header(7)
-            yield pk.pack("name") + pk.pack(r.name) + pk.pack("size") + pk.pack(r.size)
-            yield pk.pack("page_size") + pk.pack(r.page_size)
-            for key, buf in (("states", memoryview(r.states)), ("disks", memoryview(r.disks)),
-                             ("offsets", memoryview(u64_bytes(r.offsets)) if not _LITTLE
-                              else memoryview(r.offsets).cast("B")),
-                             ("checksums", memoryview(u64_bytes(r.checksums)) if not _LITTLE
-                              else memoryview(r.checksums).cast("B"))):
-                yield from msgfile.iter_bin(pk, key, buf)
+            out += [memoryview(r.states), memoryview(r.disks), _le(r.offsets), _le(r.checksums)]
+        return out
 
     def dumps(self) -> bytes:
-        return msgfile.dumps(FORMAT, self._chunks())
+        return msgfile.dumps(FORMAT, [self._doc()], self._raw())
 
     @classmethod
     def loads(cls, data: bytes | bytearray | memoryview) -> "PageMap":
-        return _from_doc(msgfile.loads(FORMAT, data))
+        doc, raw = msgfile.loads_raw(FORMAT, data)
+        bufs = _alloc(doc, len(raw))
+        at = 0
+        for buf in bufs:
+            view = memoryview(buf).cast("B")
+            view[:] = raw[at:at + len(view)]
+            at += len(view)
+        return _build(doc, bufs)
 
     def save(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
         """Write atomically, never through a symbolic link (raises OSError)."""
-        msgfile.write(path, FORMAT, self._chunks(), mode)
+        msgfile.write(path, FORMAT, [self._doc()], self._raw(), mode=mode)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PageMap":
-        data = msgfile.read(path, FORMAT)
+        """The arrays are read from the file straight into their places."""
+        doc, bufs = msgfile.load_into(path, FORMAT, _alloc)
         try:
-            return cls.loads(data)
+            return _build(doc, bufs)
         except PageMapError as e:
             raise PageMapError(f"{os.fspath(path)}: {e}") from None
+
+
+def _le(a: array) -> memoryview:
+    return memoryview(a).cast("B") if _LITTLE else memoryview(u64_bytes(a))
 
 
 # -- validation ------------------------------------------------------------
@@ -235,46 +241,63 @@ def get_field(d: dict, key: str, typ: type, where: str,
     return v
 
 
-def _from_doc(doc: Any) -> PageMap:
+def _geometry(doc: dict) -> list[tuple[str, int, int]]:
+    """(name, size, page size) of each region, checked."""
+    regions_doc = get_field(doc, "regions", list, "page map")
+    if len(regions_doc) > MAX_REGIONS:
+        raise PageMapError("page map: too many regions")
+    out, names = [], set()
+    for i, rd in enumerate(regions_doc):
+        if not isinstance(rd, dict):
+            raise PageMapError(f"region #{i} is not a map")
+        where = f"region #{i}"
+        name = get_field(rd, "name", str, where)
+        size = get_field(rd, "size", int, where)
+        page_size = get_field(rd, "page_size", int, where)
+        _check_geometry(name, size, page_size)
+        if name in names:
+            raise PageMapError(f"duplicate region name {name!r}")
+        names.add(name)
+        out.append((name, size, page_size))
+    return out
+
+
+def _alloc(doc: dict, raw_len: int) -> list[bytearray | array]:
+    """Zeroed per-page arrays for the regions ``doc`` describes, once their
+    total size is known to be the file's: a lying document cannot make us
+    allocate more than the file holds."""
+    npages = [size // ps for _, size, ps in _geometry(doc)]
+    need = 18 * sum(npages)
+    if need != raw_len:
+        raise PageMapError(f"the regions need {need} bytes of per-page arrays, the file "
+                           f"holds {raw_len}")
+    bufs: list[bytearray | array] = []
+    for n in npages:
+        bufs += [bytearray(n), bytearray(n), array("Q", [0]) * n, array("Q", [0]) * n]
+    return bufs
+
+
+def _build(doc: dict, bufs: list) -> PageMap:
+    """The page map from its checked document and filled arrays."""
     disks = get_field(doc, "disks", list, "page map")
     if len(disks) > MAX_DISKS or not all(isinstance(u, str) and u for u in disks):
         raise PageMapError("page map: bad disks table")
     meta = doc.get("meta", {})
     if not isinstance(meta, dict):
         raise PageMapError("page map: 'meta' should be a map")
-    regions_doc = get_field(doc, "regions", list, "page map")
-    if len(regions_doc) > MAX_REGIONS:
-        raise PageMapError("page map: too many regions")
     pm = PageMap(disks=list(disks), meta=meta)
-    names: set[str] = set()
-    for i, rd in enumerate(regions_doc):
-        if not isinstance(rd, dict):
-            raise PageMapError(f"region #{i} is not a map")
-        region = _region_from_doc(rd, i, len(disks))
-        if region.name in names:
-            raise PageMapError(f"duplicate region name {region.name!r}")
-        names.add(region.name)
-        pm.regions.append(region)
+    for k, (name, size, ps) in enumerate(_geometry(doc)):
+        states, pdisks, offsets, checksums = bufs[4 * k:4 * k + 4]
+        if not _LITTLE:
+            offsets.byteswap()
+            checksums.byteswap()
+        _check_pages(name, states, pdisks, len(disks))
+        pm.regions.append(Region(name, size, ps, states, pdisks, offsets, checksums))
     return pm
 
 
-def _region_from_doc(rd: dict, i: int, ndisks: int) -> Region:
-    where = f"region #{i}"
-    name = get_field(rd, "name", str, where)
-    size = get_field(rd, "size", int, where)
-    page_size = get_field(rd, "page_size", int, where)
-    _check_geometry(name, size, page_size)
+def _check_pages(name: str, states: bytearray, disks: bytearray, ndisks: int) -> None:
     where = f"region {name!r}"
-    n = size // page_size
-    states = get_field(rd, "states", bytes, where)
-    disks = get_field(rd, "disks", bytes, where)
-    offsets = get_field(rd, "offsets", bytes, where)
-    checksums = get_field(rd, "checksums", bytes, where)
-    for key, raw, width in (("states", states, 1), ("disks", disks, 1),
-                            ("offsets", offsets, 8), ("checksums", checksums, 8)):
-        if len(raw) != n * width:
-            raise PageMapError(f"{where}: {key!r} holds {len(raw)} bytes, "
-                               f"expected {n * width} for {n} pages")
     if states.translate(None, bytes(PageState)):
         raise PageMapError(f"{where}: unknown page state")
     if PageState.REMOTE in states:
@@ -282,5 +305,3 @@ def _region_from_doc(rd: dict, i: int, ndisks: int) -> Region:
             raise PageMapError(f"{where}: remote pages but no disks")
         if disks.translate(None, bytes(range(ndisks))):
             raise PageMapError(f"{where}: disk index out of range (have {ndisks} disks)")
-    return Region(name, size, page_size, bytearray(states), bytearray(disks),
-                  u64_array(offsets), u64_array(checksums))

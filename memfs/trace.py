@@ -79,11 +79,14 @@ class Trace:
 
     def save(self, path: str, mode: int = 0o600) -> None:
         """Write atomically, never through a symbolic link (raises OSError)."""
-        msgfile.write(path, FORMAT, [self._doc()], mode)
+        msgfile.write(path, FORMAT, [self._doc()], mode=mode)
 
     @classmethod
     def loads(cls, data: bytes | bytearray | memoryview) -> "Trace":
-        doc = msgfile.loads(FORMAT, data)
+        return cls._from_doc(msgfile.loads(FORMAT, data))
+
+    @classmethod
+    def _from_doc(cls, doc: dict) -> "Trace":
         regions = doc.get("regions")
         if not isinstance(regions, dict):
             raise TraceError("trace: 'regions' should be a map")
@@ -108,8 +111,8 @@ class Trace:
 
     @classmethod
     def load(cls, path: str) -> "Trace":
-        data = msgfile.read(path, FORMAT)
+        doc = msgfile.load(path, FORMAT)
         try:
-            return cls.loads(data)
+            return cls._from_doc(doc)
         except TraceError as e:
             raise TraceError(f"{path}: {e}") from None

@@ -40,7 +40,8 @@ from nbdserver import make_image, nbdkit_server, qemu_nbd
 from ramimage import MEMFS, PS, make_ram, memfs, mounted
 
 NOBODY = 65534
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ memfs[.\w]* (DEBUG|INFO|WARNING): ")
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ memfs[.\w]* "
+                      r"(DEBUG|INFO|WARNING): ")
 
 
 # -- every format: garbage, truncation, flips ----------------------------------------

@@ -45,12 +45,26 @@ def test_empty_region_checksums_are_zero_page() -> None:
 
 
 def doc() -> dict:
-    return msgfile.loads(FORMAT, sample_map().dumps())
+    return msgfile.loads_raw(FORMAT, sample_map().dumps())[0]
 
 
-def pack(d: object) -> bytes:
+RAW = b"".join(sample_map()._raw())  # ram0: 16 pages, ram1: 1 page
+
+
+def pack(d: object, raw: bytes = RAW) -> bytes:
     """``d`` in a valid envelope: what the field checks see past the checksum."""
-    return msgfile.dumps(FORMAT, [msgpack.packb(d)])
+    return msgfile.dumps(FORMAT, [msgpack.packb(d)], [raw])
+
+
+@pytest.mark.parametrize("raw, message", [
+    (RAW[:-1], "the regions need 306 bytes of per-page arrays, the file holds 305"),
+    (RAW + bytes(8), "the regions need 306 bytes of per-page arrays, the file holds 314"),
+    (b"\x07" + RAW[1:], "region 'ram0': unknown page state"),
+    (RAW[:16] + b"\x05" + RAW[17:], "region 'ram0': disk index out of range (have 2 disks)"),
+])
+def test_malformed_arrays_say_what_is_wrong(raw, message) -> None:
+    with pytest.raises(PageMapError, match=f"^{message.replace('(', '.').replace(')', '.')}$"):
+        PageMap.loads(pack(doc(), raw))
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -60,9 +74,8 @@ def pack(d: object) -> bytes:
     (lambda d: d["regions"][0].update(name=".memfs"), "bad region name"),
     (lambda d: d["regions"][1].update(name="ram0"), "duplicate region name"),
     (lambda d: d["regions"][0].update(page_size=3000), "bad page size"),
-    (lambda d: d["regions"][0].update(states=b"\x00" * 15), "'states' holds 15 bytes"),
-    (lambda d: d["regions"][0].update(offsets=b"\x00" * 8), "'offsets' holds 8 bytes"),
-    (lambda d: d["regions"][0].update(states=b"\x07" * 16), "unknown page state"),
+    (lambda d: d["regions"][0].update(size=2 * 4096),
+     "the regions need 54 bytes of per-page arrays, the file holds 306"),
     (lambda d: d.update(disks=["/only-one"]), "disk index out of range"),
     (lambda d: d.update(disks=[]), "remote pages but no disks"),
     (lambda d: d.update(disks="x"), "'disks' should be list"),
@@ -87,7 +100,7 @@ def test_envelope_magic_version_and_old_files() -> None:
     with pytest.raises(PageMapError, match=r"^unsupported page map version 99 \(this memfs "
                                            r"reads 2\)$"):
         PageMap.loads(good[:8] + (99).to_bytes(4, "little") + good[12:])
-    v1 = msgpack.packb({"magic": "memfs-pagemap", "version": 1, **doc()})
+    v1 = msgpack.packb({"magic": "memfs-pagemap", "version": 1, **doc()})  # roughly v1
     with pytest.raises(PageMapError, match=r"^a version 1 page map \(no checksum\), written by "
                                            r"an older memfs: this memfs reads version 2 only; "
                                            r"make it again$"):
@@ -100,8 +113,8 @@ def field_spans(data: bytes) -> dict[str, tuple[int, int]]:
     """Where each part of a saved page map lies in the file: the header,
     the disks table, meta, and each per-page array of region ram0."""
     r = sample_map().regions[0]
-    spans = {"magic": (0, 8), "version": (8, 12), "reserved": (12, 16), "length": (16, 24),
-             "checksum": (24, 40)}
+    spans = {"magic": (0, 8), "version": (8, 12), "document length": (12, 16),
+             "length": (16, 24), "document checksum": (24, 32), "checksum": (32, 48)}
     for name, raw in (("states", bytes(r.states)), ("offsets", r.offsets.tobytes()),
                       ("checksums", r.checksums.tobytes())):
         at = data.index(raw)
@@ -109,8 +122,8 @@ def field_spans(data: bytes) -> dict[str, tuple[int, int]]:
     at = data.index(b"\xa5disks")  # the first "disks" key: the disks table
     spans["disks table"] = (at, data.index(b"\xa4meta"))
     spans["meta"] = (data.index(b"\xa4meta"), data.index(b"\xa7regions"))
-    at = data.index(b"\xa5disks", spans["states"][1])  # the region's per-page disks
-    spans["page disks"] = (at + 11, at + 11 + r.npages)  # key, bin32 header, bytes
+    at = spans["states"][1]  # the region's per-page disks follow its states
+    spans["page disks"] = (at, at + r.npages)
     spans["region header"] = (data.index(b"\xa4name"), spans["states"][0])
     return spans
 
@@ -124,7 +137,7 @@ def test_a_single_bit_flip_anywhere_is_refused(tmp_path) -> None:
     pm.save(path)
     good = path.read_bytes()
     spans = field_spans(good)
-    assert len(spans) == 12 and all(a < b for a, b in spans.values()), spans
+    assert len(spans) == 13 and all(a < b for a, b in spans.values()), spans
     refused = {name: 0 for name in spans}
     for pos in range(len(good)):
         for bit in range(8):
@@ -183,9 +196,14 @@ def test_changed_bytes_are_rejected(pos: int, xor: int) -> None:
         PageMap.loads(bytes(data))
 
 
-def test_lying_length_does_not_allocate() -> None:
-    # a bin32 header that claims 4 GiB of states, in a valid envelope
-    head = msgpack.packb({"disks": [], "regions": [{"name": "r"}]})
+def test_lying_sizes_do_not_allocate() -> None:
+    # a region of 2**32 pages (72 GiB of arrays) in a small, valid envelope
+    head = msgpack.packb({"disks": [], "regions": [{"name": "r", "size": 1 << 44,
+                                                     "page_size": 4096}]})
+    with pytest.raises(PageMapError, match="the regions need 77309411328 bytes of per-page "
+                                           "arrays, the file holds 0"):
+        PageMap.loads(msgfile.dumps(FORMAT, [head]))
+    # a bin32 header that claims 4 GiB, in a valid envelope
     lying = msgfile.dumps(FORMAT, [head[:-1] + b"\xc6\xff\xff\xff\xff"])
     with pytest.raises(PageMapError, match="not a msgpack page map"):
         PageMap.loads(lying)
