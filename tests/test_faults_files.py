@@ -107,6 +107,31 @@ def test_fuzz_garbage_truncation_flips(fmt: str, data) -> None:
         loads(blob)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_files_on_disk(fmt: str, data, tmp_path) -> None:
+    """The same through the file loaders, which read arrays straight from
+    the file: truncated, extended or flipped files raise the format's error."""
+    _, error, good = FORMATS[fmt]
+    load = {"pagemap": PageMap.load, "index": DiskIndex.load, "trace": Trace.load}[fmt]
+    b = bytearray(good)
+    how = data.draw(st.sampled_from(["truncate", "append", "flip"]))
+    if how == "truncate":
+        b = b[:data.draw(st.integers(0, len(b) - 1))]
+    elif how == "append":
+        b += data.draw(st.binary(min_size=1, max_size=16))
+    else:
+        for pos in data.draw(st.sets(st.integers(0, len(b) - 1), min_size=1, max_size=4)):
+            b[pos] ^= data.draw(st.integers(1, 255))
+    path = tmp_path / "f"
+    path.write_bytes(b)
+    with pytest.raises(error) as e:
+        load(str(path))
+    assert str(path) in str(e.value)
+
+
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.binary(max_size=24)
     | st.text(max_size=8) | st.floats(allow_nan=False),
