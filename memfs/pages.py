@@ -81,6 +81,8 @@ class PageServer:
         self.on_fetched: list[Callable[[Region, list[int]], None]] = []
         #: memfs.state.Journal: told of every page made LOCAL before it counts
         self.journal: PageJournal = NO_JOURNAL
+        #: fetched pages the store could not keep (full): served unkept
+        stats.counters.setdefault("store_write_errors", 0)
         for name, size in regions.items():
             store.open_region(name, size)
         stats.gauges.append(self._gauges)
