@@ -1,0 +1,149 @@
+"""Nothing the guest wrote is discarded: a region cannot be truncated, a
+store is never truncated or taken over by another mount, and a full store
+refuses writes (ENOSPC, the page as it was) while reads still work."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from ramimage import PS, drop_caches, memfs, mounted, read_stat
+
+pytestmark = [pytest.mark.mount, pytest.mark.usefixtures("needs_fuse")]
+
+
+def capture(tmp_path: Path, ram: str) -> str:
+    pm = str(tmp_path / "vm.pagemap")
+    memfs("capture", "--ram", ram, "--volume", str(tmp_path / "vol"), "--out", pm,
+          "--no-progress")
+    return pm
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs",
+                    str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_region_cannot_be_truncated_and_nothing_is_dropped(tmp_path, ram) -> None:
+    """Dirty pages written through a shared mapping survive open(O_TRUNC),
+    a shell redirect, cp, truncate(2) and ftruncate(2): each is EPERM."""
+    path, data = ram
+    pm = capture(tmp_path, path)
+    mnt = str(tmp_path / "mnt")
+    region = os.path.join(mnt, "ram0")
+    want = bytearray(data)
+    with mounted(pm, mnt, "--no-prefetch"):
+        fd = os.open(region, os.O_RDWR)
+        m = mmap.mmap(fd, len(data), mmap.MAP_SHARED)
+        for p in (0, 1, 2, 100, 500, 1023):  # dirty, not synced
+            blob = os.urandom(PS)
+            m[p * PS:(p + 1) * PS] = blob
+            want[p * PS:(p + 1) * PS] = blob
+        t0 = time.monotonic()
+        with pytest.raises(PermissionError) as e:
+            os.open(region, os.O_WRONLY | os.O_TRUNC)
+        took = time.monotonic() - t0
+        assert e.value.errno == errno.EPERM
+        for argv, msg in (
+                (["sh", "-c", f": > {region}"], "Operation not permitted"),
+                (["cp", path, region], f"cp: cannot create regular file '{region}': "
+                                       "Operation not permitted"),
+                (["truncate", "-s", "0", region], f"truncate: failed to truncate '{region}' "
+                                                  "at 0 bytes: Operation not permitted")):
+            res = subprocess.run(argv, capture_output=True, text=True)
+            assert res.returncode != 0 and msg in res.stderr, (argv, res.stderr)
+        with pytest.raises(PermissionError):
+            os.truncate(region, 0)
+        for size in (0, PS, len(data) + PS):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size)
+        assert os.fstat(fd).st_size == len(data)
+        assert m[:] == bytes(want)  # the mapping still holds the dirty pages
+        m.flush()
+        m.close()
+        os.close(fd)
+        drop_caches()  # ... and they reached the daemon
+        with open(region, "rb") as f:
+            assert f.read() == bytes(want)
+    print(f"\nopen(O_TRUNC) refused with EPERM in {took * 1000:.1f} ms")
+
+
+def test_full_store_fails_writes_with_enospc_and_reads_go_on(tmp_path, ram) -> None:
+    path, data = ram
+    pm = capture(tmp_path, path)
+    mnt = str(tmp_path / "mnt")
+    region = os.path.join(mnt, "ram0")
+    with small_tmpfs(tmp_path / "store", "1m") as store:
+        with mounted(pm, mnt, "--no-prefetch", "--store", str(store)):
+            fd = os.open(region, os.O_RDWR)
+            os.pwrite(fd, b"A" * PS, 8 * PS)  # a page the store keeps
+            # fill the store's file system to the last block
+            with open(store / "filler", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\xff" * PS)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+            before = os.pread(fd, 16 * PS, 0)
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, b"B" * 16 * PS, 0)  # over page 8 too
+            took = time.monotonic() - t0
+            assert e.value.errno == errno.ENOSPC
+            assert str(e.value) == "[Errno 28] No space left on device"
+            drop_caches()
+            assert os.pread(fd, 16 * PS, 0) == before  # nothing of it was kept
+            assert before[8 * PS:9 * PS] == b"A" * PS
+            # reads of remote pages go on: verified, served without being kept
+            want = bytearray(data)
+            want[8 * PS:9 * PS] = b"A" * PS
+            assert os.pread(fd, len(data), 0) == bytes(want)
+            assert read_stat(mnt, "store_write_errors") > 0
+            assert read_stat(mnt, "read_errors") == 0
+            # room again: writes are kept again
+            os.unlink(store / "filler")
+            os.pwrite(fd, b"C" * PS, 3 * PS)
+            drop_caches()
+            assert os.pread(fd, PS, 3 * PS) == b"C" * PS
+            os.close(fd)
+        log = Path(mnt + ".log").read_text()
+        assert "BUG" not in log
+    print(f"\nWRITE on a full store: ENOSPC in {took * 1000:.1f} ms")
+
+
+def test_remount_never_truncates_the_store(tmp_path, ram) -> None:
+    """The same --store again: refused with one line, the pages the guest
+    wrote still there."""
+    path, data = ram
+    pm = capture(tmp_path, path)
+    mnt, store = str(tmp_path / "mnt"), tmp_path / "store"
+    with mounted(pm, mnt, "--store", str(store)):
+        fd = os.open(os.path.join(mnt, "ram0"), os.O_RDWR)
+        os.pwrite(fd, b"the guest wrote this", 40 * PS)
+        os.fsync(fd)
+        os.close(fd)
+    pages = store / "ram0.pages"
+    kept = pages.read_bytes()
+    assert kept[40 * PS:40 * PS + 20] == b"the guest wrote this"
+    res = memfs("mount", "-f", "--log", str(tmp_path / "again.log"), pm, mnt,
+                "--store", str(store), check=False)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (f"memfs: local store {pages} holds the pages of another "
+                                  "mount; continue that mount with --resume STATE, or "
+                                  "remove the file")
+    assert pages.read_bytes() == kept
+    assert not os.path.ismount(mnt)
