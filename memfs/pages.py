@@ -122,6 +122,8 @@ class PageServer:
         if self.pagemap is None:
             raise PageMapError("no page map installed")
         out = PageMap(disks=list(self.pagemap.disks), meta={"view": "mount"})
+        if "volumes" in self.pagemap.meta:  # the volumes' identities travel on
+            out.meta["volumes"] = self.pagemap.meta["volumes"]
         for r in self.pagemap.regions:
             states = bytearray(r.states)
             served = self.served[r.name]
