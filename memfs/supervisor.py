@@ -155,11 +155,15 @@ class Supervisor:
                 raise SupervisorError(f"daemon {child.proc.pid} exited with status "
                                       f"{child.proc.returncode}")
 
-    def switch(self, why: str) -> float:
+    def switch(self, why: str, upgrade: bool = False) -> float:
         """Start (or promote) a daemon on the connection; the old one, if
-        alive, is killed first.  Returns how long the mount had no daemon."""
+        alive, is killed first.  Returns how long the mount had no daemon.
+        ``upgrade``: a new process, not the standby (it runs the old code)."""
         new = self.standby
         self.standby = None
+        if new is not None and upgrade:
+            new.kill()
+            new = None
         if new is None or not new.alive():
             if new is not None:
                 new.close()
@@ -322,7 +326,7 @@ class Supervisor:
             cur = self.current
             if b == signal.SIGUSR2:
                 try:
-                    self.switch("SIGUSR2 (upgrade)")
+                    self.switch("SIGUSR2 (upgrade)", upgrade=True)
                 except SupervisorError as e:
                     log.error("upgrade failed: %s", e)
             elif cur is not None and cur.alive():
@@ -343,7 +347,7 @@ class Supervisor:
                 return
             try:
                 if line == "restart":
-                    stall = self.switch("restart requested")
+                    stall = self.switch("restart requested", upgrade=True)
                     reply = f"ok pid={self.current.proc.pid} stall_ms={stall * 1000:.0f}"  # type: ignore[union-attr]
                 elif line == "status":
                     reply = "ok " + json.dumps(self.status())
