@@ -255,15 +255,20 @@ def test_signal_while_mapped_keeps_serving(small, tmp_path, sig) -> None:
     with daemon(mnt, pm, "--no-prefetch", log=log) as pid:
         with mapper(f"{mnt}/ram0") as m:
             assert page_via(m, 1) == data[PS:2 * PS]
+            t = time.monotonic()
             os.kill(pid, sig)
             line = (f"{sig.name}: not unmounting {mnt}: ram0 is mapped by pid {m.pid} "
                     f"({comm(m.pid)}); still serving")
             wait_for(lambda: line in log_text(log))
+            print(f"\n[timing] {sig.name} while mapped: logged after {time.monotonic() - t:.3f}s")
             for p in (9, 700, 1023):  # pages never touched before: READs after the signal
                 assert page_via(m, p) == data[p * PS:(p + 1) * PS]
             assert is_mounted(mnt) and alive(pid)
+        t = time.monotonic()
         os.kill(pid, sig)  # nothing maps it now
         wait_for(lambda: gone(mnt, pid))
+        print(f"\n[timing] {sig.name} unmapped: unmounted and exited after "
+              f"{time.monotonic() - t:.3f}s")
     assert f"{sig.name}: stopping the prefetch and unmounting {mnt}" in log_text(log)
 
 
@@ -477,8 +482,9 @@ def test_cli_server_gone_and_disk_full(tmp_path, ram) -> None:
     rc, out, err = cli("capture", "--ram", path, "--volume", f"nbd://127.0.0.1:{port}/",
                        "--out", str(tmp_path / "pm"), "--no-progress")
     print(f"\n[cli] server gone -> {rc}: {err.strip()}")
-    assert rc == 1 and err.count("\n") == 1 and err.startswith("memfs: ")
-    assert f"nbd://127.0.0.1:{port}/" in err and "Traceback" not in err
+    assert rc == 1 and out == ""
+    assert err == (f"memfs: cannot open volume: nbd://127.0.0.1:{port}/: cannot connect: all "
+                   f"attempts to connect to 127.0.0.1:{port} failed\n")
 
     full = tmp_path / "full"
     full.mkdir()
@@ -487,9 +493,8 @@ def test_cli_server_gone_and_disk_full(tmp_path, ram) -> None:
         rc, out, err = cli("capture", "--ram", path, "--volume", str(full / "vol"),
                            "--out", str(tmp_path / "pm"), "--no-progress")
         print(f"\n[cli] disk full -> {rc}: {err.strip()}")
-        assert rc == 1 and err.count("\n") == 1 and err.startswith("memfs: ")
-        assert "No space left on device" in err and str(full / "vol") in err
-        assert "Traceback" not in err
+        assert rc == 1 and out == ""
+        assert re.fullmatch(rf"memfs: {full}/vol: write at \d+: No space left on device\n", err)
     finally:
         subprocess.run(["umount", str(full)], check=True)
 
