@@ -363,3 +363,57 @@ async def test_guest_survives_daemon_sigkills(guest, tmp_path: Path) -> None:
                       f"gen {first.gen} -> {last.gen}")
                 await vm.qmp.execute("quit")
         assert status(state)["restarts"] == 4
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSEGV", "SIGABRT"])
+def test_acknowledged_write_survives_a_crash(tmp_path, ram, sig: str) -> None:
+    """pwrite() returned, then the daemon dies at once (killed or crashed):
+    the successor serves the written bytes after the page cache is dropped."""
+    path, data = ram
+    pm = capture(tmp_path, path)
+    mnt, state = str(tmp_path / "mnt"), str(tmp_path / "state")
+    with supervised(["--state", state, "--no-prefetch", pm, mnt], mnt,
+                    str(tmp_path / "memfs.log")):
+        while not status(state)["standby_ready"]:
+            time.sleep(0.02)
+        fd = os.open(os.path.join(mnt, "ram0"), os.O_RDWR)
+        old = status(state)["pid"]
+        os.pwrite(fd, b"acknowledged", 300 * PS + 9)      # a remote page, in part
+        os.pwrite(fd, b"z" * (2 * PS), 8 * PS)             # a zero page and a remote one
+        os.kill(old, getattr(signal, sig))
+        drop_caches()
+        want = bytearray(data)
+        want[300 * PS + 9:300 * PS + 21] = b"acknowledged"
+        want[8 * PS:10 * PS] = b"z" * (2 * PS)
+        assert os.pread(fd, len(data), 0) == bytes(want)
+        os.close(fd)
+        assert status(state)["pid"] != old
+    log = (tmp_path / "memfs.log").read_text()
+    assert f"daemon {old} died (status -{getattr(signal, sig).value})" in log
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_resume_after_supervisor_and_daemon_were_killed(tmp_path, ram) -> None:
+    """Everything SIGKILLed right after an acknowledged write: the mount is
+    dead, but ``memfs mount --resume STATE`` brings back every written page."""
+    path, data = ram
+    pm = capture(tmp_path, path)
+    mnt, state = str(tmp_path / "mnt"), str(tmp_path / "state")
+    with supervised(["--state", state, pm, mnt], mnt, str(tmp_path / "memfs.log")) as proc:
+        fd = os.open(os.path.join(mnt, "ram0"), os.O_RDWR)
+        os.pwrite(fd, b"kept through it all", 500 * PS + 100)
+        st = status(state)
+        for pid in (st["supervisor"], st["pid"]):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        with pytest.raises(OSError):  # the connection is gone
+            os.close(fd)
+        fuse_abort(mnt)
+    want = bytearray(data)
+    want[500 * PS + 100:500 * PS + 119] = b"kept through it all"
+    with supervised(["--resume", state], mnt, str(tmp_path / "memfs2.log")):
+        with open(os.path.join(mnt, "ram0"), "rb") as f:
+            assert f.read() == bytes(want)
