@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import stat
-import subprocess
 import sys
 import time
 import traceback
@@ -21,12 +20,11 @@ from typing import Any, Callable, NoReturn, Sequence
 import trio
 
 from . import __version__, control
-from .capture import CaptureError, capture, parse_ram_args
-from .daemon import Daemon, MountError, MountOptions, check_mountpoint
-from .disks import DiskError
-from .pagemap import PageMap, PageMapError
+from .capture import capture, parse_ram_args
+from .daemon import Daemon, MountOptions, check_mountpoint
+from .pagemap import PageMap
 from .report import error_line, is_expected, parse_size, render_stats, unwrap
-from .trace import Trace, TraceError
+from .trace import Trace
 
 log = logging.getLogger("memfs")
 

@@ -5,7 +5,6 @@ clear line for every mistake on the command line."""
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import re
 import signal
@@ -511,3 +510,19 @@ def test_daemon_logs_are_private(small, tmp_path) -> None:
     finally:
         memfs("umount", mnt)
         os.unlink(logfile)
+
+
+def test_a_bug_keeps_its_traceback(tmp_path) -> None:
+    """Only expected failures are one line: a fault in memfs itself (here a
+    sub-command that raises TypeError) shows its traceback and a BUG line."""
+    code = ("import sys, memfs.cli as c\n"
+            "def broken(a):\n"
+            "    raise TypeError('boom')\n"
+            "c.cmd_stats = broken\n"
+            "sys.exit(c.main(['stats', '/']))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.startswith("Traceback (most recent call last):\n")
+    assert res.stderr.endswith("TypeError: boom\nmemfs: BUG: unexpected TypeError: boom (the "
+                               "traceback above; please report it)\n")
