@@ -225,7 +225,7 @@ def _daemonize(opts: MountOptions, a: argparse.Namespace) -> int:
     except BaseException as e:  # report whatever stopped us to the waiting parent
         log.exception("daemon failed")
         try:
-            os.write(w, f"{e}\n".encode())
+            os.write(w, f"{error_line(unwrap(e))}\n".encode())  # one line, not a group
         except OSError:
             pass
         code = 1
