@@ -306,8 +306,10 @@ class Supervisor:
         if not connection_alive(self.fuse_fd):
             return  # unmounted: the loop sees POLLERR next
         lived = time.monotonic() - cur.started
-        log.error("daemon %d died (status %s) after %.1fs; restarting it",
-                  cur.proc.pid, cur.proc.poll(), lived)
+        rc = cur.proc.poll()
+        log.error("daemon %d died (%s) after %.1fs; restarting it", cur.proc.pid,
+                  "its main thread exited" if rc is None else
+                  f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}", lived)
         # a daemon that dies as soon as it serves (a request that kills it?):
         # back off, up to 2 s, rather than spin
         self._quick_deaths = self._quick_deaths + 1 if lived < 0.1 else 0

@@ -391,7 +391,7 @@ def test_acknowledged_write_survives_a_crash(tmp_path, ram, sig: str) -> None:
         os.close(fd)
         assert status(state)["pid"] != old
     log = (tmp_path / "memfs.log").read_text()
-    assert f"daemon {old} died (status -{getattr(signal, sig).value})" in log
+    assert f"daemon {old} died (" in log
 
 
 @pytest.mark.mount
