@@ -368,6 +368,37 @@ class State:
                  "; every page counts as served" if served else "")
         return n
 
+    def discard(self) -> None:
+        """Undo ``create`` after a mount that never served: remove what it
+        made, so that the same command can be run again.  Only while the
+        journal is empty and the store files hold no block."""
+        jp = os.path.join(self.path, "journal")
+        try:
+            with open(jp, "rb") as f:
+                if replay(f.read(), len(self.regions))[1] != HEADER.size:
+                    return
+        except (OSError, StateError):
+            return
+        store = self.store_dir
+        pages = [os.path.join(store, f"{n}.pages") for n in self.regions]
+        for p in pages:
+            try:
+                if os.lstat(p).st_blocks:
+                    return
+            except FileNotFoundError:
+                pass
+        for p in pages + [os.path.join(self.path, n) for n in ("pagemap", "journal",
+                                                               "meta.json")]:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        if not self.meta.get("store_dir"):
+            try:
+                os.rmdir(store)
+            except OSError:
+                pass
+
     def close(self) -> None:
         if self.journal is not None:
             self.journal.close()

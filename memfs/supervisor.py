@@ -490,6 +490,19 @@ def mount(a: argparse.Namespace, build_options: Callable[[argparse.Namespace], A
         if opts.pagemap is not None:
             state.save_pagemap(opts.pagemap)
         resumed = False
+    try:
+        code = _supervise(a, state, resumed, check_mountpoint)
+    except BaseException:
+        if not resumed:
+            state.discard()  # nothing served: the same command can run again
+        raise
+    if code and not resumed:
+        state.discard()
+    return code
+
+
+def _supervise(a: argparse.Namespace, state: State, resumed: bool,
+               check_mountpoint: Callable[[str], None]) -> int:
     mp = state.mountpoint
     check_mountpoint(mp)
     meta_opts = state.meta.get("options", {})
