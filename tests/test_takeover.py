@@ -417,3 +417,41 @@ def test_resume_after_supervisor_and_daemon_were_killed(tmp_path, ram) -> None:
     with supervised(["--resume", state], mnt, str(tmp_path / "memfs2.log")):
         with open(os.path.join(mnt, "ram0"), "rb") as f:
             assert f.read() == bytes(want)
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_daemon_that_cannot_start_is_one_line_and_leaves_no_state(tmp_path, ram) -> None:
+    path, _ = ram
+    pm_path = capture(tmp_path, path)
+    pm = PageMap.load(pm_path)
+    pm.disks = [str(tmp_path / "gone")]
+    pm.save(pm_path)
+    mnt, state = tmp_path / "mnt", tmp_path / "state"
+    mnt.mkdir()
+    for _ in range(2):  # and the same command again: same answer, not "in use"
+        res = memfs("mount", "--state", str(state), pm_path, str(mnt), check=False)
+        assert res.returncode == 1
+        assert res.stderr.strip() == (f"memfs: mount failed: {tmp_path / 'gone'}: cannot "
+                                      "open: No such file or directory")
+        assert not is_mounted(str(mnt)) and not (state / "meta.json").exists()
+
+
+def test_state_directory_must_be_private(tmp_path, ram) -> None:
+    """A symbolic link as --state, or a --resume directory others can enter,
+    is refused before anything is mounted."""
+    pm = capture(tmp_path, ram[0])
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "mnt").mkdir()
+    res = memfs("mount", "--state", str(tmp_path / "link"), pm, str(tmp_path / "mnt"),
+                check=False)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (f"memfs: state directory {tmp_path / 'link'} is not a "
+                                  "directory (or is a symbolic link)")
+    real.chmod(0o755)
+    res = memfs("mount", "--resume", str(real), check=False)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (f"memfs: state directory {real} is open to other users "
+                                  "(mode 755; want 700)")
