@@ -285,8 +285,12 @@ class State:
         except (OSError, ValueError) as e:
             raise StateError(f"{meta_path}: {e}") from None
         if not isinstance(meta, dict) or meta.get("version") != 1 \
-                or not isinstance(meta.get("regions"), dict) \
-                or not isinstance(meta.get("mountpoint"), str):
+                or not isinstance(meta.get("regions"), dict) or not meta["regions"] \
+                or not all(isinstance(n, str) and type(v) is int and v > 0
+                           for n, v in meta["regions"].items()) \
+                or not isinstance(meta.get("mountpoint"), str) \
+                or not isinstance(meta.get("options", {}), dict) \
+                or not isinstance(meta.get("store_dir") or "", str):
             raise StateError(f"{meta_path}: not a memfs state (version 1)")
         return cls(path, meta)
 

@@ -201,6 +201,30 @@ def test_journal_damage_is_refused_or_ends_it(tail: bytes, at: int, flip: int) -
         replay(head + bytes(bad), 2)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                              lambda c: st.lists(c, max_size=4)
+                              | st.dictionaries(st.sampled_from(
+                                  ["version", "mountpoint", "regions", "options", "x"]),
+                                  c, max_size=5), max_leaves=12).map(
+                     lambda v: json.dumps(v).encode())))
+def test_state_meta_is_refused_or_read(tmp_path_factory, raw: bytes) -> None:
+    """Whatever meta.json holds: a State, or StateError (one line)."""
+    from memfs.state import State
+    d = tmp_path_factory.mktemp("s")
+    d.chmod(0o700)
+    (d / "meta.json").write_bytes(raw)
+    try:
+        st_ = State.open(str(d))
+    except StateError as e:
+        assert "\n" not in str(e)
+    else:
+        assert st_.regions and all(type(v) is int and v > 0 for v in st_.regions.values())
+        assert isinstance(st_.mountpoint, str) and isinstance(st_.store_dir, str)
+        assert isinstance(st_.meta.get("options", {}), dict)
+
+
 # -- real mounts ---------------------------------------------------------------------------
 
 
@@ -376,7 +400,9 @@ def test_acknowledged_write_survives_a_crash(tmp_path, ram, sig: str) -> None:
     mnt, state = str(tmp_path / "mnt"), str(tmp_path / "state")
     with supervised(["--state", state, "--no-prefetch", pm, mnt], mnt,
                     str(tmp_path / "memfs.log")):
+        deadline = time.monotonic() + 30
         while not status(state)["standby_ready"]:
+            assert time.monotonic() < deadline, "no standby daemon"
             time.sleep(0.02)
         fd = os.open(os.path.join(mnt, "ram0"), os.O_RDWR)
         old = status(state)["pid"]
