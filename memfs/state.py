@@ -286,7 +286,8 @@ class State:
             raise StateError(f"{meta_path}: {e}") from None
         if not isinstance(meta, dict) or meta.get("version") != 1 \
                 or not isinstance(meta.get("regions"), dict) or not meta["regions"] \
-                or not all(isinstance(n, str) and type(v) is int and v > 0
+                or not all(isinstance(n, str) and n and "/" not in n and "\0" not in n
+                           and not n.startswith(".") and type(v) is int and v > 0
                            for n, v in meta["regions"].items()) \
                 or not isinstance(meta.get("mountpoint"), str) \
                 or not isinstance(meta.get("options", {}), dict) \
