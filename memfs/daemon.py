@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
@@ -22,18 +21,18 @@ from .fetcher import Fetcher
 from .fs import MemFS
 from .control import ControlError, describe_mappers, find_mount, mappers, parse_line, \
     writable_target
-from .pagemap import PageMap, PageMapError, PageState, Region
+from .pagemap import PageMap, PageMapError, Region
 from .pages import PageServer
 from .prefetch import Prefetcher
-from .trace import Trace, pack_pages
+from .trace import Trace
 from .stats import Stats
 from .state import State
 from .store import LocalStore
-from . import volume as volumes
 from .volume import check_pagemap as check_volumes
 from .takeover import Takeover, detach
 from . import handover
-from .sync import VolumeSync, export, export_delta, volume_layout
+from .source import COMMANDS as SOURCE_COMMANDS
+from .source import Source
 
 log = logging.getLogger("memfs.daemon")
 
@@ -150,13 +149,12 @@ class Daemon:
         self.prefetcher: Prefetcher | None = None
         self.stats.gauges.append(self._prefetch_stats)
         self._inited = trio.Event()
-        self.sync: VolumeSync | None = None
+        #: the mount as a migration source: volume, background copy, flush
+        self.source = Source(self.pages, self.stats, opts.mountpoint, self._stack,
+                             rate=opts.sync_rate, interval=opts.sync_interval,
+                             paused=opts.sync_paused)
         #: a base page map waiting for its delta, and its open disks
         self.staged: tuple[PageMap, list[Disk]] | None = None
-        #: (source side) the base this mount handed out, for its delta
-        self.base_id: str | None = None
-        #: the sync volume's identity and where it lies (memfs.volume)
-        self.volume_id: tuple[str, int] = ("", 0)
         self._nursery: trio.Nursery | None = None
         #: stopping (memfs umount, SIGTERM): the prefetch first, then FUSE
         self._prefetch_scope = trio.CancelScope()
@@ -293,156 +291,16 @@ class Daemon:
         elif cmd == "commit":
             delta = await trio.to_thread.run_sync(PageMap.load, arg.strip())
             await self.commit(delta)
-        elif cmd in ("flush", "sync", "sync-pause", "sync-resume", "sync-rate", "volume",
-                     "base", "delta"):
-            await self._sync_control(cmd, arg.strip())
+        elif cmd in SOURCE_COMMANDS:
+            assert self._nursery is not None
+            await self.source.control(cmd, arg.strip(), self._nursery)
         elif cmd == "trace":
             path = arg.strip()
             if not os.path.isabs(path):
                 raise ValueError("trace needs an absolute path")
             await trio.to_thread.run_sync(self.pages.trace.save, path)
         else:
-            raise ValueError(f"unknown control command {cmd!r} (known: load PATH, save PATH, "
-                             "trace PATH, flush PATH, sync, sync-pause, sync-resume, "
-                             "sync-rate BYTES, volume URI)")
-
-    # -- the mount as a migration source (memfs.sync) ------------------------------
-
-    async def _sync_control(self, cmd: str, arg: str) -> None:
-        if cmd == "volume":
-            await self.attach_volume(arg)
-            return
-        sync = self.sync
-        if sync is None:
-            raise ValueError("no volume: mount with --volume URI or send 'volume URI'")
-        if cmd == "sync-pause":
-            sync.paused = True
-        elif cmd == "sync-resume":
-            sync.paused = False
-        elif cmd == "sync-rate":
-            from .report import parse_size
-            sync.rate = parse_size(arg) or None
-        elif cmd == "sync":
-            await self.fsync_regions()
-            await sync.copy_dirty()
-        elif cmd == "base":
-            await self.write_base(arg)
-        elif cmd == "delta":
-            await self.flush(arg, delta=True)
-        else:
-            if not os.path.isabs(arg):
-                raise ValueError("flush needs an absolute path")
-            await self.flush(arg)
-
-    async def attach_volume(self, uri: str) -> None:
-        """Copy written pages to ``uri`` from now on."""
-        if self.sync is not None:
-            if self.sync.volume.uri == uri:
-                return
-            raise ValueError(f"pages already go to volume {self.sync.volume.uri}")
-        await self.pages.installed.wait()
-        pm = self.pages.pagemap
-        assert pm is not None and self._nursery is not None
-        if uri in pm.disks and any(PageState.REMOTE in r.states for r in pm.regions):
-            raise ValueError(f"volume {uri} is a disk of the page map: copying pages there "
-                             "would overwrite what its remote pages refer to")
-        volume = await self._open_volume(uri)
-        self.sync = VolumeSync(self.pages, volume, self.stats, self.fsync_regions,
-                               rate=self.opts.sync_rate, interval=self.opts.sync_interval)
-        self.sync.paused = self.opts.sync_paused
-        self._nursery.start_soon(self.sync.run, name="sync")
-        log.info("written pages go to volume %s", uri)
-
-    async def _open_volume(self, uri: str) -> Disk:
-        """Open (or create) the volume and learn (or write) its identity."""
-        sizes = list(self.pages.sizes.values())
-        end = volume_layout(sizes)[-1]
-        disk = await open_disk(uri, writable=True, create_size=end)
-        self._stack.push_async_callback(disk.aclose)
-        if disk.size < end:
-            raise MountError(f"volume {uri} holds {disk.size} bytes; the regions need {end}")
-        self.volume_id = (await volumes.ensure_identity(
-            disk, volumes.identity_offset(sizes)), volumes.identity_offset(sizes))
-        return disk
-
-    async def fsync_regions(self) -> None:
-        """Make the kernel write back every dirty page of every region (from a
-        worker thread: the WRITEs it sends are served by this loop)."""
-        def work() -> None:
-            for name in self.pages.sizes:
-                fd = os.open(os.path.join(self.opts.mountpoint, name), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        await trio.to_thread.run_sync(work)
-
-    async def write_base(self, path: str) -> None:
-        """A base page map while the guest runs (memfs.handover): the pages
-        dirty now and every page copied from now on go into the delta."""
-        assert self.sync is not None and self.pages.pagemap is not None
-        await self.fsync_regions()
-        await self.sync.copy_dirty()
-        async with self.sync.copying:  # no copy half done
-            # no await from the export to the copy of the dirty bits: one state
-            pm = export(self.pages.pagemap, 0, allow_dirty=True)
-            self.sync.changed = {n: bytearray(b) for n, b in self.pages.dirty.bits.items()}
-            self.base_id = handover.mark_base(pm)
-        self._final_meta(pm)
-        await trio.to_thread.run_sync(pm.save, path)
-        log.info("base page map %s written to %s", self.base_id, path)
-
-    def _final_meta(self, pm: PageMap, copied: dict[str, list[int]] | None = None) -> None:
-        """What a page map from this mount says beside its pages."""
-        assert self.sync is not None and self.pages.pagemap is not None
-        vols = self.pages.pagemap.meta.get(volumes.META_KEY, {})
-        pm.meta.update({"created": time.time(), "source": "mount",
-                        "volume": self.sync.volume.uri, "mountpoint": self.opts.mountpoint,
-                        volumes.META_KEY: {u: v for u, v in vols.items() if u in pm.disks}})
-        if copied is not None:
-            # what the guest was busy writing: the destination fetches it first
-            pm.meta["hot"] = {n: pack_pages(sorted(set(p))) for n, p in copied.items()}
-        volumes.record(pm.meta, self.sync.volume.uri, *self.volume_id)
-
-    async def flush(self, path: str, delta: bool = False) -> PageMap:
-        """Write back, copy what is dirty, and save a page map whose every
-        page is zero or remote (a volume or the disk it came from); with
-        ``delta``, only the entries that changed since the base."""
-        assert self.sync is not None
-        if delta and (self.base_id is None or self.sync.changed is None):
-            raise ValueError("no base page map: send 'base PATH' first")
-        t0 = time.perf_counter()
-        await self.fsync_regions()
-        t1 = time.perf_counter()
-        self.sync.record = copied = {}
-        try:
-            for _ in range(8):
-                await self.sync.copy_dirty()
-                if not self.pages.dirty.count:
-                    break
-        finally:
-            self.sync.record = None
-        assert self.pages.pagemap is not None
-        try:  # no await between the check and the copy: one consistent state
-            if delta:
-                assert self.base_id is not None and self.sync.changed is not None
-                pm = export_delta(self.pages.pagemap, self.pages.dirty.count,
-                                  self.sync.changed, self.base_id)
-                self.sync.changed = self.base_id = None
-            else:
-                pm = export(self.pages.pagemap, self.pages.dirty.count)
-        except ValueError as e:
-            raise ValueError(f"{e}: the guest writes faster than pages are copied; "
-                             "stop it first") from None
-        self._final_meta(pm, copied)
-        t2 = time.perf_counter()
-        await trio.to_thread.run_sync(pm.save, path)
-        t3 = time.perf_counter()
-        log.info("flushed: page map %s, %s; write-back %.1f ms, copy %.1f ms (%d pages), "
-                 "page map %.1f ms (volume flush %.1f ms)", path, pm.counts(), (t1 - t0) * 1e3,
-                 (t2 - t1) * 1e3, sum(len(v) for v in copied.values()), (t3 - t2) * 1e3,
-                 self.sync.flush_seconds * 1e3)
-        return pm
+            raise ValueError(f"unknown control command {cmd!r}")  # parse_line knows them
 
     def fuse_options(self) -> set[str]:
         o = set(pyfuse3.default_options)
@@ -460,7 +318,7 @@ class Daemon:
         async with self._stack:
             self._stack.callback(self.store.close)
             if self.opts.new and self.opts.volume:
-                await self._open_volume(self.opts.volume)  # create it: install reads it
+                await self.source.open_volume(self.opts.volume)  # create it: install reads it
             if self.opts.pagemap is not None:
                 await self.install(self.opts.pagemap)
             if self.takeover is None:
@@ -480,7 +338,8 @@ class Daemon:
                 self.pages.background = nursery
                 self._nursery = nursery
                 if self.opts.volume:
-                    nursery.start_soon(self.attach_volume, self.opts.volume, name="volume")
+                    nursery.start_soon(self.source.attach_volume, self.opts.volume, nursery,
+                                       name="volume")
                 nursery.start_soon(self._trim, name="trim")
                 if self.opts.prefetch:
                     nursery.start_soon(self._prefetch_until_stopped, mp, name="prefetch")
@@ -527,7 +386,8 @@ class Daemon:
         while True:
             await trio.sleep(1.0)
             await trio.to_thread.run_sync(self.store.trim)
-            for disk in list(self.disks) + ([self.sync.volume] if self.sync else []):
+            sync = self.source.sync
+            for disk in list(self.disks) + ([sync.volume] if sync else []):
                 await disk.drop_cache()
 
     async def _after_init(self, mp: str, ready: Callable[[], None]) -> None:
