@@ -182,3 +182,29 @@ def test_rate_and_volume_errors(tmp_path, ram) -> None:
         orig = PageMap.load(pm).region("ram0")
         assert onward.region("ram0").states == orig.states
         assert onward.region("ram0").offsets == orig.offsets
+
+
+def test_dirty_pages_survive_a_daemon_kill(tmp_path) -> None:
+    """A source mount under a supervisor (issue 10's takeover): the daemon
+    dies with pages written back but not yet copied; the next daemon knows
+    they are dirty, and the flush carries every one of them."""
+    from test_takeover import kill_daemon, supervised
+    mnt, vol, state = str(tmp_path / "src"), str(tmp_path / "vol"), str(tmp_path / "state")
+    region = os.path.join(mnt, "ram0")
+    pages = {p: page(20_000 + p) for p in random.Random(9).sample(range(NPAGES), 200)}
+    with supervised(["--state", state, "--new", f"ram0:{NPAGES * PS}", "--volume", vol,
+                     "--sync-paused", mnt], mnt, str(tmp_path / "log")):
+        write_pages(region, pages, sync=True)
+        assert read_stat(mnt, "pages_dirty") == len(pages)
+        kill_daemon(state, mnt)
+        assert read_stat(mnt, "pages_dirty") >= len(pages)  # journal: written, not copied
+        out = str(tmp_path / "after-kill.pagemap")
+        memfs("capture", "--from-mount", mnt, "--out", out)
+    r = PageMap.load(out).region("ram0")
+    with open(vol, "rb") as f:
+        for p, data in pages.items():
+            assert r.states[p] == PageState.REMOTE, p
+            assert r.checksums[p] == xxhash.xxh3_64_intdigest(data), p
+            f.seek(r.offsets[p])
+            assert f.read(PS) == data, p
+    assert r.count(PageState.REMOTE) == len(pages)
