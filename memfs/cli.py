@@ -393,7 +393,8 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def _load_extras() -> None:
-    for mod in ("memfs.index", "memfs.qemu.migrate"):
+    for mod in ("memfs.index", "memfs.qemu.migrate", "memfs.qemu.snapshot",
+                "memfs.qemu.restore"):
         try:
             module = __import__(mod, fromlist=["add_parser"])
         except ModuleNotFoundError as e:

@@ -1,0 +1,206 @@
+"""``memfs snapshot`` and ``memfs restore`` with the real guest.
+
+One guest boots on a memfs source mount, is saved while it runs (paused
+only for the final pass) and goes on; the snapshot is then restored once
+and as four clones at the same time from one mount (``share=off``): each
+has the snapshot's checksums and its mark, writes of its own that no
+sibling sees, and a vmgenid of its own; the snapshot survives a drop of
+the host's caches and a remount; a corrupted file is refused in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from memfs import control
+from memfs.qemu import VM, file_backend
+from memfs.qemu.guest import GuestImage, GuestSum, guest_config, read_sum
+from memfs.qemu.restore import ensure_mount, open_snapshot, restore_clones
+from memfs.qemu.snapshot import SnapshotOptions, snapshot
+from memfs.snapshot import DEVICES, MANIFEST, PAGEMAP, SnapshotError
+from ramimage import mounted
+from test_migrate import FILL, RAM, check_sum, drop_caches
+
+pytestmark = [pytest.mark.qemu, pytest.mark.mount, pytest.mark.slow,
+              pytest.mark.usefixtures("needs_fuse")]
+
+
+class Saved:
+    """The module's snapshot: its directory and the guest's sums before it."""
+
+    def __init__(self, dir: Path, volume: Path, before: GuestSum, guid: str) -> None:
+        self.dir, self.volume, self.before, self.guid = dir, volume, before, guid
+
+
+async def _make_snapshot(image: GuestImage, where: Path) -> Saved:
+    mnt, mvol = where / "src", where / "src.vol"
+    snap, svol = where / "snap", where / "snap.vol"
+    with mounted(None, str(mnt), "--new", f"ram0:{RAM}", "--volume", str(mvol)), \
+            trio.fail_after(150):
+        cfg = guest_config(image, file_backend(mnt / "ram0", RAM), "src", fill_mib=FILL)
+        cfg.extra_args += ["-device", "vmgenid,guid=auto"]
+        async with VM.start(cfg, where) as vm:
+            await vm.console.expect(r"^READY", 30)
+            await trio.sleep(1.0)
+            await vm.console.command("mark m-snap", r"^MARK m-snap", 10)
+            before = await read_sum(vm.console, "before")
+            guid = (await vm.qmp.execute("query-vm-generation-id"))["guid"]
+            opts = SnapshotOptions(qmp=None, rams=[("ram0", str(mnt / "ram0"))],
+                                   volume=str(svol), out=str(snap), resume=True)
+            rep = await snapshot(opts, vm.qmp)
+            print("snapshot", rep)
+            assert rep.source == "mount" and rep.paused_ms > 0
+            assert (await vm.qmp.execute("query-status"))["status"] == "running"
+            # the guest goes on: its writes reach the mount's volume, not the snapshot
+            await vm.console.command("mark m-later", r"^MARK m-later", 10)
+            await vm.console.command("sum later", r"^SUM later", 30)
+            await trio.sleep(2.5)          # the mount's background copy runs meanwhile
+            st = control.read_stats(mnt)
+            assert not st["sync_paused"], st
+    return Saved(snap, svol, before, guid)
+
+
+@pytest.fixture(scope="module")
+def saved(guest: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    return trio.run(_make_snapshot, guest, tmp_path_factory.mktemp("snapshot"))
+
+
+def umount(mnt: Path) -> None:
+    subprocess.run([sys.executable, "-m", "memfs.cli", "umount", str(mnt)],
+                   capture_output=True, timeout=60)
+
+
+async def check_clone(image: GuestImage, vm: VM, saved: Saved, tag: str) -> None:
+    await vm.console.send("readmark")
+    m = await vm.console.expect(r"^MARKED (\S*)", 60)
+    assert m.group(1) == "m-snap"
+    check_sum(image, await read_sum(vm.console, tag, 60), saved.before)
+
+
+async def test_restore_once_and_four_clones(guest: GuestImage, saved: Saved,
+                                            tmp_path: Path) -> None:
+    snap = open_snapshot(str(saved.dir))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        with trio.fail_after(240):
+            assert ensure_mount(snap, str(mnt))
+            async with restore_clones(snap, str(mnt), 1, str(tmp_path), "one") as (vm,):
+                await check_clone(guest, vm, saved, "one")
+                await vm.qmp.execute("quit")
+            async with restore_clones(snap, str(mnt), 4, str(tmp_path)) as vms:
+                async with trio.open_nursery() as nursery:
+                    for i, vm in enumerate(vms):
+                        nursery.start_soon(check_clone, guest, vm, saved, f"c{i}")
+                # each clone writes its own mark; none sees another's
+                for i, vm in enumerate(vms):
+                    await vm.console.command(f"mark clone-{i}", rf"^MARK clone-{i}", 30)
+                for i, vm in enumerate(vms):
+                    await vm.console.send("readmark")
+                    m = await vm.console.expect(r"^MARKED (\S*)", 30)
+                    assert m.group(1) == f"clone-{i}"
+                guids = [(await vm.qmp.execute("query-vm-generation-id"))["guid"]
+                         for vm in vms]
+                assert len(set(guids) | {saved.guid}) == 5, (guids, saved.guid)
+                # the host drops its caches: the clones' own pages stay theirs,
+                # the shared ones come back from the volume
+                await trio.to_thread.run_sync(drop_caches)
+                for i, vm in enumerate(vms):
+                    await vm.console.send("readmark")
+                    m = await vm.console.expect(r"^MARKED (\S*)", 60)
+                    assert m.group(1) == f"clone-{i}"
+                    check_sum(guest, await read_sum(vm.console, f"d{i}", 60), saved.before)
+                st = control.read_stats(mnt)
+                assert st["checksum_failures"] == 0, st
+                # the clones map the region privately: the mount saw no write
+                assert st["writes"] == 0, st
+        # a remount serves the same snapshot, its first working-set trace first
+        umount(mnt)
+        assert (saved.dir / (PAGEMAP + ".trace")).exists()
+        with trio.fail_after(120):
+            assert ensure_mount(snap, str(mnt))
+            assert "prefetch" in (mnt / ".memfs" / "stats.json").read_text()
+            async with restore_clones(snap, str(mnt), 1, str(tmp_path), "again") as (vm,):
+                await check_clone(guest, vm, saved, "again")
+    finally:
+        umount(mnt)
+
+
+def _copy(saved: Saved, to: Path) -> Path:
+    shutil.copytree(saved.dir, to, ignore=shutil.ignore_patterns("run", "*.trace*"))
+    return to
+
+
+def _flip(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def _restore_cli(d: Path, mnt: Path) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "memfs.cli", "restore", str(d), "--mount",
+                          str(mnt)], capture_output=True, text=True, timeout=60)
+    return res.returncode, res.stderr, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("what", ["manifest", "devices", "pagemap", "truncated"])
+def test_corrupt_snapshot_is_refused(saved: Saved, tmp_path: Path, what: str) -> None:
+    d = _copy(saved, tmp_path / "snap")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if what == "manifest":
+        text = (d / MANIFEST).read_text()
+        at = text.index('"paused_ms": ') + len('"paused_ms": ')
+        _flip(d / MANIFEST, at)
+        want = f"memfs: restore failed: {d}/{MANIFEST}: corrupt: checksum mismatch"
+    elif what == "devices":
+        _flip(d / DEVICES, os.path.getsize(d / DEVICES) // 2)
+        want = f"memfs: restore failed: {d}/{DEVICES}: corrupt: checksum mismatch"
+    elif what == "pagemap":
+        _flip(d / PAGEMAP, os.path.getsize(d / PAGEMAP) - 100)
+        want = f"memfs: restore failed: {d}/{PAGEMAP}: corrupt: checksum mismatch"
+    else:
+        size = os.path.getsize(d / DEVICES)
+        os.truncate(d / DEVICES, size - 1)
+        want = (f"memfs: restore failed: {d}/{DEVICES}: corrupt: {size - 1} bytes, the "
+                f"manifest says {size}")
+    rc, err, secs = _restore_cli(d, mnt)
+    print(f"{what}: {secs * 1000:.0f} ms: {err.strip()}")
+    assert rc == 1 and err.splitlines() == [want], err
+    assert not control.mount_root(mnt)  # nothing was mounted, nothing started
+    with pytest.raises(SnapshotError):
+        open_snapshot(str(d))
+
+
+def test_replaced_volume_is_refused(saved: Saved, tmp_path: Path) -> None:
+    """The volume recreated under the same name: the mount refuses the page
+    map before it serves a page, and restore says so in one line."""
+    d = _copy(saved, tmp_path / "snap")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    backup = tmp_path / "vol.orig"
+    os.rename(saved.volume, backup)
+    try:
+        shutil.copyfile(backup, saved.volume)
+        snap = open_snapshot(str(d))
+        at = snap.manifest.volume["at"]
+        _flip(saved.volume, at + 20)   # inside the identity's UUID
+        rc, err, secs = _restore_cli(d, mnt)
+        print(f"volume replaced: {secs * 1000:.0f} ms: {err.strip()}")
+        assert rc == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith("memfs: restore failed: ") and "volume" in err \
+            and str(saved.volume) in err, err
+        assert not control.mount_root(mnt)
+    finally:
+        os.replace(backup, saved.volume)
