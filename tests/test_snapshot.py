@@ -144,7 +144,7 @@ def _flip(path: Path, at: int) -> None:
         f.seek(at)
         b = f.read(1)
         f.seek(at)
-        f.write(bytes([b[0] ^ 0x10]))
+        f.write(bytes([b[0] ^ 0x01]))
 
 
 def _restore_cli(d: Path, mnt: Path) -> tuple[int, str, float]:
