@@ -33,8 +33,8 @@ not change.  How it learns what changed:
 A page map may only refer to data that will not change (DESIGN.md invariant
 6), so :func:`open_referencer` refuses a disk that is not read-only — a file
 with a write bit in its mode, a block device without the read-only flag, an
-NBD export without ``NBD_FLAG_READ_ONLY`` — unless the caller says it is
-frozen.
+NBD export without ``NBD_FLAG_READ_ONLY``, an RBD image that is not a
+snapshot (``rbd:pool/image@snap``) — unless the caller says it is frozen.
 """
 
 from __future__ import annotations
@@ -507,6 +507,9 @@ def _load_for_capture(disk_uri: str, index_path: str, frozen: bool) -> DiskRefer
         ro, why = _file_read_only(parsed.path)
         if not ro:
             raise _refuse(disk_uri, why)
+    if parsed.scheme == "rbd" and not parsed.snap and not frozen:
+        raise _refuse(disk_uri, "an RBD image can change (name one of its snapshots: "
+                                "rbd:POOL/IMAGE@SNAP)")
     return DiskReferencer(disk_uri, index, frozen)
 
 

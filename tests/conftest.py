@@ -45,6 +45,18 @@ def guest():
     return build_guest()
 
 
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[object]:
+    """One real single-host Ceph cluster (tests/ceph.py) for the whole session,
+    started on first use; skipped, with the reason, where Ceph cannot run."""
+    import ceph
+    why = ceph.missing()
+    if why:
+        pytest.skip(why)
+    with ceph.ceph_cluster() as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def shm() -> Iterator[Path]:
     """A directory in /dev/shm for guest RAM files, removed afterwards."""

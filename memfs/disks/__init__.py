@@ -2,7 +2,7 @@
 
 This layer knows nothing of FUSE or page maps.  A disk is a file path,
 ``file:///path``, ``nbd://host[:port]/export`` or
-``nbd+unix:///export?socket=PATH``.
+``nbd+unix:///export?socket=PATH`` or ``rbd:pool/image[@snap][:conf=PATH]...``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ async def open_disk(uri: str, *, writable: bool = False, create_size: int | None
     """Open the disk named by ``uri``.
 
     ``create_size`` makes a file disk that does not exist yet (capture's
-    migration volume); it is ignored for NBD, whose exports have a size.
+    migration volume) or an RBD image that does not exist yet (and grows
+    a smaller one); it is ignored for NBD, whose exports have a size.
     """
     parsed = parse_uri(uri)
     if parsed.scheme == "file":
         from .file import FileDisk
         return await FileDisk.open(parsed, writable=writable, create_size=create_size)
+    if parsed.scheme == "rbd":
+        from .rbd import RBDDisk
+        return await RBDDisk.open(parsed, writable=writable, create_size=create_size)
     from .nbd import NBDDisk
     return await NBDDisk.open(parsed, writable=writable)

@@ -16,7 +16,7 @@ class DiskError(Exception):
 
 @dataclass(frozen=True)
 class DiskURI:
-    """A parsed disk URI.  ``scheme`` is ``file``, ``nbd`` or ``nbd+unix``."""
+    """A parsed disk URI.  ``scheme`` is ``file``, ``nbd``, ``nbd+unix`` or ``rbd``."""
 
     uri: str
     scheme: str
@@ -25,6 +25,10 @@ class DiskURI:
     port: int = 10809       # nbd TCP port
     export: str = ""        # nbd export name
     socket: str = ""        # nbd+unix socket path
+    pool: str = ""          # rbd pool
+    namespace: str = ""     # rbd namespace (may be empty)
+    image: str = ""         # rbd image
+    snap: str = ""          # rbd snapshot (a frozen, read-only view)
     query: dict[str, str] = field(default_factory=dict)
 
 
@@ -34,7 +38,10 @@ QUERY_OPTIONS = {"file": (), "nbd": ("timeout", "connections", "retries"),
 
 
 def parse_uri(uri: str) -> DiskURI:
-    """Parse a disk name: a plain path, file://, nbd:// or nbd+unix://."""
+    """Parse a disk name: a plain path, file://, nbd://, nbd+unix:// or rbd:."""
+    if uri.startswith("rbd:"):
+        from .rbd import parse_rbd
+        return parse_rbd(uri)
     if "://" not in uri:
         if not uri:
             raise DiskError("empty disk name")

@@ -1,0 +1,260 @@
+"""RBD disks on a real single-host Ceph cluster (tests/ceph.py): the URI, the
+back end, capture to an RBD volume, references to an RBD snapshot, an OSD
+killed and restarted under a reader.  One cluster serves the whole session."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memfs.disks import DiskError, open_disk, parse_uri
+from memfs.disks.rbd import escape
+from memfs.pagemap import PageMap, PageState
+from ramimage import PS, make_ram, memfs, mounted, read_stat
+
+# -- the URI (no cluster) ------------------------------------------------------
+
+BAD = [
+    ("rbd:", "rbd:: rbd disks are named rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]"
+             "[:conf=PATH][:id=NAME][:keyring=PATH]"),
+    ("rbd:img", "rbd:img: rbd disks are named rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]"
+                "[:conf=PATH][:id=NAME][:keyring=PATH]"),
+    ("rbd:p//i", "rbd:p//i: rbd disks are named rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]"
+                 "[:conf=PATH][:id=NAME][:keyring=PATH]"),
+    ("rbd:p/i@", "rbd:p/i@: empty snapshot name after @"),
+    ("rbd:p/i@a@b", "rbd:p/i@a@b: more than one @snapshot"),
+    ("rbd:p/i:user=x", "rbd:p/i:user=x: unknown option 'user' for rbd: "
+                       "(known: conf, id, keyring, mon_host, timeout)"),
+    ("rbd:p/i:conf", "rbd:p/i:conf: rbd options are key=value (got 'conf')"),
+    ("rbd:p/i:timeout=0", "rbd:p/i:timeout=0: timeout must be a positive number of seconds"),
+    ("rbd:p/i\0", "rbd:p/i\0: an rbd name cannot hold a NUL byte"),
+]
+
+
+@pytest.mark.parametrize("uri,message", BAD)
+def test_bad_rbd_uris_are_one_disk_error(uri: str, message: str) -> None:
+    with pytest.raises(DiskError) as e:
+        parse_uri(uri)
+    assert str(e.value) == message
+
+
+def test_rbd_uri_fields() -> None:
+    u = parse_uri(r"rbd:vms/ns/disk\:1@frozen:conf=/etc/ceph/a\:b.conf:id=memfs:timeout=5")
+    assert (u.scheme, u.pool, u.namespace, u.image, u.snap) == ("rbd", "vms", "ns", "disk:1",
+                                                                 "frozen")
+    assert u.query == {"conf": "/etc/ceph/a:b.conf", "id": "memfs", "timeout": "5"}
+    assert u.export == "vms/ns/disk:1@frozen"
+    assert parse_uri("rbd:p/i").snap == ""
+
+
+_names = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                 min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pool=_names, image=_names, snap=st.none() | _names,
+       opts=st.dictionaries(st.sampled_from(["conf", "id", "keyring", "mon_host"]), _names))
+def test_rbd_uri_roundtrip(pool: str, image: str, snap: str | None,
+                           opts: dict[str, str]) -> None:
+    uri = f"rbd:{escape(pool)}/{escape(image)}" + (f"@{escape(snap)}" if snap else "") \
+        + "".join(f":{k}={escape(v)}" for k, v in opts.items())
+    u = parse_uri(uri)
+    assert (u.pool, u.image, u.snap, u.query) == (pool, image, snap or "", opts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_rbd_name_parses_or_is_one_disk_error(text: str) -> None:
+    try:
+        u = parse_uri("rbd:" + text)
+    except DiskError as e:
+        assert str(e).startswith("rbd:" + text + ": ")
+    else:
+        assert u.scheme == "rbd" and u.pool and u.image
+
+
+# -- the back end and the CLI on a real cluster ---------------------------------
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _child_read(path: str, seed: int) -> tuple[bytes, float]:
+    """Every page of ``path`` as a separate process sees it through a mapping,
+    first touches in a random order; and how long that took."""
+    code = ("import mmap,os,random,sys\n"
+            "f=open(sys.argv[1],'rb'); m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\n"
+            "n=len(m)//4096; order=list(range(n)); random.Random(int(sys.argv[2])).shuffle(order)\n"
+            "for p in order: m[p*4096:p*4096+1]\n"
+            "sys.stdout.buffer.write(m[:])\n")
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code, path, str(seed)], capture_output=True,
+                         timeout=600)
+    took = time.monotonic() - t
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    return res.stdout, took
+
+
+@pytest.mark.ceph
+async def test_rbd_disk_write_read_and_refusals(ceph_cluster) -> None:
+    c = ceph_cluster
+    name = _name("vol")
+    uri = c.uri(name)
+    with pytest.raises(DiskError) as e:
+        await open_disk(uri)
+    assert str(e.value) == f"{uri}: cannot open: image {name}: No such file or directory"
+    blob = os.urandom(3 << 20)
+    disk = await open_disk(uri, writable=True, create_size=8 << 20)  # created here
+    async with disk:
+        assert disk.size == 8 << 20
+        await disk.write(4096, blob)
+        await disk.flush()
+        assert await disk.read(4096, len(blob)) == blob
+        with pytest.raises(DiskError) as e:
+            await disk.read((8 << 20) - 4096, 8192)
+        assert str(e.value) == f"{uri}: 8192 bytes at 8384512 is beyond the end (8388608 bytes)"
+        assert disk.stats()["rbd_bytes_written"] == len(blob)
+    assert c.export(name)[4096:4096 + len(blob)] == blob   # Ceph's own tool agrees
+    c.snap(name, "s1")
+    with pytest.raises(DiskError) as e:
+        await open_disk(c.uri(name, "s1"), writable=True)
+    assert str(e.value) == f"{c.uri(name, 's1')}: a snapshot is read-only; a volume must be " \
+                           "an image"
+    async with await open_disk(c.uri(name, "s1")) as snap:
+        assert await snap.read(4096, len(blob)) == blob
+        with pytest.raises(DiskError) as e:
+            await snap.write(0, b"x")
+        assert str(e.value) == f"{c.uri(name, 's1')}: opened read-only"
+    bad = f"rbd:nopool/{name}:conf={c.conf}:keyring={c.keyring}"
+    with pytest.raises(DiskError) as e:
+        await open_disk(bad)
+    assert str(e.value) == f"{bad}: cannot open: pool nopool: No such file or directory"
+    noconf = f"rbd:rbd/{name}:conf=/nonexistent.conf"
+    with pytest.raises(DiskError) as e:
+        await open_disk(noconf)
+    assert str(e.value) == f"{noconf}: cannot open: conf /nonexistent.conf: No such file"
+
+
+@pytest.mark.ceph
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_capture_to_rbd_volume_and_mount(ceph_cluster, tmp_path) -> None:
+    c = ceph_cluster
+    ram = str(tmp_path / "vm.ram")
+    data = make_ram(ram, 2048)                      # 8 MiB
+    vol = c.uri(_name("vol"))                       # created by the capture
+    pm = str(tmp_path / "vm.pm")
+    res = memfs("capture", "--ram", ram, "--volume", vol, "--out", pm)
+    assert PageMap.load(pm).disks == [vol], res.stdout
+    mnt = str(tmp_path / "mnt")
+    with mounted(pm, mnt):
+        got, took = _child_read(os.path.join(mnt, "ram0"), 7)
+        assert got == data
+        assert read_stat(mnt, "checksum_failures") == 0
+        assert read_stat(mnt, "pages_remote") == 0
+    print(f"\n8 MiB first-touched from RBD through the mount in {took:.2f} s")
+
+
+def _disk_image(path: str, nblocks: int) -> bytes:
+    rnd = random.Random(3)
+    data = b"".join(rnd.randbytes(PS) if i % 5 else bytes(PS) for i in range(nblocks))
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+@pytest.mark.ceph
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_references_to_an_rbd_snapshot(ceph_cluster, tmp_path) -> None:
+    c = ceph_cluster
+    img = _name("disk")
+    src = str(tmp_path / "disk.raw")
+    disk = _disk_image(src, 1024)                   # 4 MiB, 820 non-zero blocks
+    c.import_image(src, img)
+    c.snap(img, "frozen")
+    snap = c.uri(img, "frozen")
+    idx = str(tmp_path / "disk.idx")
+    memfs("index", snap, "--out", idx, "--no-progress")
+    # RAM: 400 blocks of the disk, 200 pages of its own, 100 zero pages
+    rnd = random.Random(5)
+    blocks = [disk[i * PS:(i + 1) * PS] for i in range(1024) if i % 5][:400]
+    pages = blocks + [rnd.randbytes(PS) for _ in range(200)] + [bytes(PS)] * 100
+    rnd.shuffle(pages)
+    data = b"".join(pages)
+    ram = str(tmp_path / "vm.ram")
+    with open(ram, "wb") as f:
+        f.write(data)
+    # the image itself may change: refused without --disk-frozen
+    image = c.uri(img)
+    res = memfs("capture", "--ram", ram, "--volume", str(tmp_path / "v0"), "--out",
+                str(tmp_path / "pm0"), "--disk", image, "--index", idx, check=False)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"memfs: disk {image} is not read-only: an RBD image can change (name one of its "
+        "snapshots: rbd:POOL/IMAGE@SNAP). A page map may only refer to data that will not "
+        "change: freeze the disk (a qcow2 external snapshot, see docs/disk-references.rst) "
+        "and make it read-only, or pass --disk-frozen if you guarantee that it will not "
+        "change while the page map refers to it")
+    # the snapshot is frozen: accepted as it is; the volume is on RBD too
+    vol = c.uri(_name("vol"))
+    pm = str(tmp_path / "vm.pm")
+    memfs("capture", "--ram", ram, "--volume", vol, "--out", pm, "--disk", snap,
+          "--index", idx)
+    m = PageMap.load(pm)
+    r = m.region("ram0")
+    on_snap = sum(1 for p in range(r.npages)
+                  if r.states[p] == PageState.REMOTE and m.disks[r.disks[p]] == snap)
+    assert on_snap == 400
+    mnt = str(tmp_path / "mnt")
+    with mounted(pm, mnt):
+        got, _ = _child_read(os.path.join(mnt, "ram0"), 9)
+        assert got == data
+
+
+@pytest.mark.ceph
+@pytest.mark.mount
+@pytest.mark.slow
+@pytest.mark.usefixtures("needs_fuse")
+def test_osd_killed_and_restarted_mid_read(ceph_cluster, tmp_path) -> None:
+    """kill -9 of the only OSD while a process first-touches the mount: its
+    reads wait for the OSD to come back (librbd resends), then every byte is right."""
+    c = ceph_cluster
+    ram = str(tmp_path / "vm.ram")
+    data = make_ram(ram, 8192)                      # 32 MiB
+    vol = c.uri(_name("vol"))
+    pm = str(tmp_path / "vm.pm")
+    memfs("capture", "--ram", ram, "--volume", vol, "--out", pm)
+    mnt = str(tmp_path / "mnt")
+    with mounted(pm, mnt):
+        c.kill_osd()
+        killed = time.monotonic()
+        with open(str(tmp_path / "got"), "wb") as out:
+            code = ("import mmap,sys\n"
+                    "f=open(sys.argv[1],'rb'); m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\n"
+                    "sys.stdout.buffer.write(m[:])\n")
+            reader = subprocess.Popen([sys.executable, "-c", code,
+                                       os.path.join(mnt, "ram0")], stdout=out,
+                                      stderr=subprocess.PIPE)
+            time.sleep(2)
+            assert reader.poll() is None, "the reader finished with the only OSD dead"
+            assert read_stat(mnt, "pages_remote") > 0
+            c.start_osd()
+            restarted = time.monotonic()
+            _, err = reader.communicate(timeout=300)
+        done = time.monotonic()
+        assert reader.returncode == 0, err.decode()[-2000:]
+        assert (tmp_path / "got").read_bytes() == data
+        assert read_stat(mnt, "checksum_failures") == 0
+    print(f"\nOSD down {restarted - killed:.1f} s; reader done {done - restarted:.1f} s "
+          f"after the restart ({done - killed:.1f} s after the kill)")
