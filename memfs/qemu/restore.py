@@ -39,7 +39,7 @@ from .. import control
 from ..pagemap import PageMap
 from ..snapshot import DEVICES, PAGEMAP, Manifest, SnapshotError
 from .plain import set_capabilities
-from .qmp import QMP, QMPClosed, QMPError
+from .qmp import QMP, QMPClosed, QMPError, unwrap_single
 from .snapshot import join_props, parse_props
 from .vm import VM
 
@@ -108,13 +108,13 @@ def clone_argv(snap: Snapshot, mount: str, name: str, qmp_path: str, ident: Iden
     while i < len(argv):
         a = argv[i]
         if a in _DROP_WITH_VALUE:
-            i += 2
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
             continue
         if a in _DROP:
             i += 1
             continue
-        if i + 1 < len(argv):
-            v = argv[i + 1]
+        if a.startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            v = argv[i + 1]  # an option with a value (QEMU's values do not start with -)
             if a == "-object" and i + 1 in backends:
                 props = [(k, x) for k, x in parse_props(v)
                          if k not in ("mem-path", "share", "prealloc", "discard-data")]
@@ -190,7 +190,7 @@ def ensure_mount(snap: Snapshot, mnt: str, trace: bool = True,
     the memfs mount already there if its regions match.  Returns True if it
     mounted."""
     mnt = os.path.abspath(mnt)
-    if control.mount_root(mnt) == mnt:
+    if os.path.ismount(mnt) and os.path.exists(control.meta_path(mnt, "control")):
         st = control.read_stats(mnt)
         if not st.get("pagemap_installed"):
             raise SnapshotError(f"{mnt} is a memfs mount that serves no page map yet")
@@ -238,9 +238,10 @@ async def _drive(socks: Sequence[str], devices: str) -> None:
     async def one(sock: str) -> None:
         async with QMP.connect(sock, timeout=10) as q:
             await resume_clone(q, devices)
-    async with trio.open_nursery() as nursery:
-        for s in socks:
-            nursery.start_soon(one, s)
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            for s in socks:
+                nursery.start_soon(one, s)
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
@@ -266,22 +267,13 @@ def cmd_restore(a: argparse.Namespace) -> int:
                 print(shlex.join(argv))
             return 0
         t0 = time.monotonic()
-        ensure_mount(snap, mnt, trace=not a.no_trace)
-        clones = []
-        for name in names:
-            ident = Identity()
-            qmp = os.path.join(run_dir, name + ".qmp")
-            serial = os.path.join(run_dir, name + ".serial")
-            argv = clone_argv(snap, mnt, name, qmp, ident,
-                              serial=f"unix:{serial},server=on,wait=off")
-            argv += ["-daemonize", "-pidfile", os.path.join(run_dir, name + ".pid")]
-            res = subprocess.run(argv, capture_output=True, text=True)
-            if res.returncode:
-                raise SnapshotError(f"QEMU for {name} did not start: "
-                                    + " ".join(res.stderr.split())[:300])
-            clones.append({"name": name, "qmp": qmp, "serial": serial, "vmgenid": ident.guid,
-                           "macs": ident.macs})
-        trio.run(_drive, [c["qmp"] for c in clones], snap.devices)
+        mounted = ensure_mount(snap, mnt, trace=not a.no_trace)
+        clones: list[dict[str, Any]] = []
+        try:
+            _start_clones(snap, mnt, run_dir, names, clones)
+        except BaseException:
+            _undo(run_dir, clones, mnt if mounted else None)
+            raise
         for c in clones:
             with open(os.path.join(run_dir, c["name"] + ".pid")) as f:
                 c["pid"] = int(f.read())
@@ -291,6 +283,41 @@ def cmd_restore(a: argparse.Namespace) -> int:
     except (SnapshotError, QMPError, OSError, trio.TooSlowError) as e:
         print(f"memfs: restore failed: {e or type(e).__name__}", file=sys.stderr)
         return 1
+
+
+def _start_clones(snap: Snapshot, mnt: str, run_dir: str, names: Sequence[str],
+                  clones: list[dict[str, Any]]) -> None:
+    """Start daemonized QEMUs (appended to ``clones`` as they start) and
+    resume them all."""
+    for name in names:
+        ident = Identity()
+        qmp = os.path.join(run_dir, name + ".qmp")
+        serial = os.path.join(run_dir, name + ".serial")
+        argv = clone_argv(snap, mnt, name, qmp, ident,
+                          serial=f"unix:{serial},server=on,wait=off")
+        argv += ["-daemonize", "-pidfile", os.path.join(run_dir, name + ".pid")]
+        res = subprocess.run(argv, capture_output=True, text=True)
+        if res.returncode:
+            raise SnapshotError(f"QEMU for {name} did not start: "
+                                + " ".join(res.stderr.split())[:300])
+        clones.append({"name": name, "qmp": qmp, "serial": serial, "vmgenid": ident.guid,
+                       "macs": ident.macs})
+    trio.run(_drive, [c["qmp"] for c in clones], snap.devices)
+
+
+def _undo(run_dir: str, clones: Sequence[dict[str, Any]], mounted: str | None) -> None:
+    """A restore that failed half way: the QEMUs it started are killed (by
+    their pid files) and a mount it made is unmounted."""
+    for c in clones:
+        try:
+            with open(os.path.join(run_dir, c["name"] + ".pid")) as f:
+                os.kill(int(f.read()), 9)
+        except (OSError, ValueError):
+            pass
+    if mounted:
+        time.sleep(0.3)
+        subprocess.run([sys.executable, "-m", "memfs.cli", "umount", mounted],
+                       capture_output=True, timeout=120)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
