@@ -14,6 +14,14 @@ demand fetch are remembered for ``fail_window`` seconds and a fetch that asks
 for them again fails at once: after a failed read-ahead the kernel asks again
 for the faulting page, synchronously, and that second READ must not wait a
 whole second deadline for an answer the first one just did not get.
+
+Single flight: a page is read from the disk by one fetch at a time.  A fetch
+that wants a page another fetch has in flight (a READ, the kernel's
+read-ahead, the prefetcher) waits for that one and takes its bytes; a page
+fetched whose store write has not landed yet (``held`` until the page server
+calls ``settled``) is answered from the fetched bytes.  A demand fetch that
+joined a prefetch which failed or was cancelled asks the disk itself: the
+prefetch's failure is not its answer.
 """
 
 from __future__ import annotations
@@ -98,6 +106,19 @@ DEFAULT_DEADLINE = math.inf
 FAIL_WINDOW = 2.0
 
 
+class _Flight:
+    """Pages one fetch is reading; the others that want them wait on ``done``."""
+
+    __slots__ = ("prefetch", "done", "got", "reason", "finished")
+
+    def __init__(self, prefetch: bool) -> None:
+        self.prefetch = prefetch
+        self.done = trio.Event()
+        self.got: dict[int, memoryview] = {}
+        self.reason = "cancelled"
+        self.finished = False  # False at ``done``: cancelled, ask again
+
+
 @dataclass
 class _Failure:
     """Pages of one region that failed a demand fetch, until ``until``."""
@@ -126,7 +147,13 @@ class Fetcher:
         self._demand_waiting = 0
         self._demand_idle = trio.Condition()
         self._failures: list[_Failure] = []
-        stats.counters.setdefault("reads_failed_fast", 0)
+        #: region -> page -> the fetch reading it now
+        self._flights: dict[str, dict[int, _Flight]] = {}
+        #: region -> page -> fetched bytes whose store write has not landed
+        self._held: dict[str, dict[int, memoryview]] = {}
+        for name in ("reads_failed_fast", "pages_fetched_demand", "pages_fetched_prefetch",
+                     "bytes_bridged", "pages_joined", "pages_held_hits"):
+            stats.counters.setdefault(name, 0)
 
     def _timeout(self, disk: int) -> float:
         if self.deadline is not None:
@@ -145,9 +172,100 @@ class Fetcher:
                     return sorted(hit), f.reason
         return [], ""
 
+    def settled(self, region: Region, pages: Iterable[int]) -> None:
+        """The page server is done with these fetched pages (kept in the
+        store, or not): from now on the page state says where they are."""
+        held = self._held.get(region.name)
+        if held:
+            for p in pages:
+                held.pop(p, None)
+
+    def in_flight(self, region: Region) -> int:
+        """Pages of ``region`` being fetched now (tests, stats)."""
+        return len(self._flights.get(region.name, ()))
+
     async def fetch(self, region: Region, pages: Sequence[int], *,
                     prefetch: bool = False) -> dict[int, memoryview]:
         """Read and verify ``pages``: page index -> its verified bytes.
+
+        Pages in flight in another fetch are waited for, not read again;
+        pages fetched but not yet settled are answered from their bytes.
+        Errors as ``_fetch_own``; the pages a joined fetch failed are failed
+        here too (with its reason), unless it was a prefetch or cancelled.
+        """
+        name = region.name
+        flights = self._flights.setdefault(name, {})
+        held = self._held.setdefault(name, {})
+        good: dict[int, memoryview] = {}
+        mine: list[int] = []
+        joined: dict[_Flight, list[int]] = {}
+        for p in pages:
+            data = held.get(p)
+            if data is not None:
+                good[p] = data
+                continue
+            f = flights.get(p)
+            if f is None:
+                mine.append(p)
+            else:
+                joined.setdefault(f, []).append(p)
+        if good:
+            self.stats.add("pages_held_hits", len(good))
+        failed: list[int] = []
+        reason = ""
+        partial_err: FetchError | None = None
+        if mine:
+            flight = _Flight(prefetch)
+            for p in mine:
+                flights[p] = flight
+            try:
+                try:
+                    got = await self._fetch_own(region, mine, prefetch=prefetch)
+                except FetchError as e:
+                    got = getattr(e, "partial", {})
+                    partial_err = e
+                    flight.reason = e.reason
+                flight.got = got
+                flight.finished = True
+                good.update(got)
+                held.update(got)
+            finally:
+                for p in mine:
+                    if flights.get(p) is flight:
+                        del flights[p]
+                flight.done.set()
+        for f, ps in joined.items():
+            self.stats.add("pages_joined", len(ps))
+            await f.done.wait()
+            again: list[int] = []
+            for p in ps:
+                data = f.got.get(p)
+                if data is not None:
+                    good[p] = data
+                elif not f.finished or (f.prefetch and not prefetch):
+                    again.append(p)
+                else:
+                    failed.append(p)
+                    reason = reason or f.reason
+            if again:
+                try:
+                    good.update(await self.fetch(region, again, prefetch=prefetch))
+                except FetchError as e:
+                    good.update(getattr(e, "partial", {}))
+                    failed.extend(e.pages)
+                    reason = reason or e.reason
+        if partial_err is not None or failed:
+            if partial_err is not None:
+                failed.extend(partial_err.pages)
+                reason = partial_err.reason
+            err = FetchError(name, sorted(failed), reason)
+            err.partial = good  # type: ignore[attr-defined]
+            raise err
+        return good
+
+    async def _fetch_own(self, region: Region, pages: Sequence[int], *,
+                         prefetch: bool = False) -> dict[int, memoryview]:
+        """Read and verify ``pages`` from the disk.
 
         All or nothing: raises FetchError naming the pages that failed after
         every retry; the verified ones ride along in ``FetchError.partial``
@@ -160,7 +278,8 @@ class Fetcher:
                 if prefetch:  # the others are still worth having
                     rest = sorted(set(pages).difference(recent))
                     try:
-                        partial = await self.fetch(region, rest, prefetch=True) if rest else {}
+                        partial = await self._fetch_own(region, rest, prefetch=True) \
+                            if rest else {}
                     except FetchError as e:
                         partial = getattr(e, "partial", {})
                 else:
@@ -283,7 +402,10 @@ class Fetcher:
                         good[p] = page
                     else:
                         bad.append(p)
-                self.stats.add("pages_fetched", len(r.pages) - len(bad))
+                ok = len(r.pages) - len(bad)
+                self.stats.add("pages_fetched", ok)
+                self.stats.add("pages_fetched_prefetch" if prefetch else "pages_fetched_demand", ok)
+                self.stats.add("bytes_bridged", len(data) - len(r.pages) * ps)
                 if bad:
                     reason = "checksum mismatch"
                     self.stats.add("checksum_failures", len(bad))

@@ -105,23 +105,120 @@ class Region:
     def npages(self) -> int:
         return self.size // self.page_size
 
+    #: pages by state, kept current by the setters below once started
+    tally: "Tally | None" = field(default=None, repr=False, compare=False)
+
     def state(self, page: int) -> PageState:
         return PageState(self.states[page])
 
+    def start_tally(self, ndisks: int) -> "Tally":
+        """Count the pages once (remote ones on disks 0..ndisks-1); from now
+        on every state change must go through the setters (a mounted
+        region's gauges read the tally)."""
+        self.tally = Tally(self, ndisks)
+        return self.tally
+
     def set_remote(self, page: int, disk: int, offset: int, csum: int) -> None:
+        t = self.tally
+        if t is not None:
+            t.drop(self.states[page], self.disks[page])
+            t.add(PageState.REMOTE, disk)
         self.states[page] = PageState.REMOTE
         self.disks[page] = disk
         self.offsets[page] = offset
         self.checksums[page] = csum
 
     def set_zero(self, page: int) -> None:
+        t = self.tally
+        if t is not None:
+            t.drop(self.states[page], self.disks[page])
+            t.add(PageState.ZERO, 0)
         self.states[page] = PageState.ZERO
         self.disks[page] = 0
         self.offsets[page] = 0
         self.checksums[page] = ZERO_CHECKSUM
 
+    def set_state(self, page: int, state: PageState) -> None:
+        """Change one page's state, its location left as it is."""
+        t = self.tally
+        if t is not None:
+            d = self.disks[page]
+            t.drop(self.states[page], d)
+            t.add(state, d)
+        self.states[page] = state
+
+    def set_states(self, first: int, end: int, state: PageState) -> None:
+        """Pages [first, end) to ``state``: counted in C, not page by page
+        (a remote page among them is looked at alone, for its disk)."""
+        t = self.tally
+        if t is not None and end > first:
+            old = self.states[first:end]
+            n = end - first
+            nz, nl = old.count(PageState.ZERO), old.count(PageState.LOCAL)
+            t.zero -= nz
+            t.local -= nl
+            if nz + nl < n:
+                disks = self.disks
+                at = old.find(PageState.REMOTE)
+                while at >= 0:
+                    t.remote[disks[first + at]] -= 1
+                    at = old.find(PageState.REMOTE, at + 1)
+            if state == PageState.REMOTE:
+                for p in range(first, end):
+                    t.remote[self.disks[p]] += 1
+            elif state == PageState.ZERO:
+                t.zero += n
+            else:
+                t.local += n
+        self.states[first:end] = bytes([state]) * (end - first)
+
     def count(self, state: PageState) -> int:
         return self.states.count(state)
+
+
+class Tally:
+    """A region's pages by state, and its remote pages by disk: counted once
+    (``Region.start_tally``) and then moved by the Region's setters, so that
+    a stats snapshot costs the same at 16 Mi pages as at 16."""
+
+    __slots__ = ("zero", "local", "remote")
+
+    def __init__(self, region: Region, ndisks: int) -> None:
+        st = region.states
+        self.zero = st.count(PageState.ZERO)
+        self.local = st.count(PageState.LOCAL)
+        #: remote pages by disk index
+        self.remote = [0] * 256
+        nremote = len(st) - self.zero - self.local
+        if nremote:
+            mask = st.translate(bytes(255 if i == PageState.REMOTE else 0 for i in range(256)))
+            on = (int.from_bytes(mask, "little") & int.from_bytes(region.disks, "little")
+                  ).to_bytes(len(st), "little")
+            rest = nremote
+            for d in range(1, min(ndisks, 256)):
+                self.remote[d] = on.count(d)
+                rest -= self.remote[d]
+            self.remote[0] = rest
+
+    @property
+    def remote_total(self) -> int:
+        return sum(self.remote)
+
+    def drop(self, state: int, disk: int) -> None:
+        if state == PageState.REMOTE:
+            self.remote[disk] -= 1
+        elif state == PageState.ZERO:
+            self.zero -= 1
+        else:
+            self.local -= 1
+
+    def add(self, state: int, disk: int) -> None:
+        if state == PageState.REMOTE:
+            self.remote[disk] += 1
+        elif state == PageState.ZERO:
+            self.zero += 1
+        else:
+            self.local += 1
 
 
 @dataclass

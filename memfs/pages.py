@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from array import array
 from typing import Callable, Protocol, Sequence
@@ -68,6 +69,10 @@ class PageServer:
         self.fetcher: Fetcher | None = None
         self.installed = trio.Event()
         self.served: dict[str, bytearray] = {}
+        #: pages marked in ``served``, per region (the gauge, kept as a count)
+        self.served_count: dict[str, int] = {}
+        #: held while a page's served mark is tested and set (the push thread)
+        self.served_lock = threading.Lock()
         #: region -> page range a prefetch push is writing into the page cache
         self.pushing: dict[str, tuple[int, int]] = {}
         #: first-demand order of pages, for a later mount's prefetch
@@ -102,6 +107,8 @@ class PageServer:
                 raise PageMapError(f"region {r.name!r} has local pages: they belong to the "
                                    "store of another mount")
             self.served[r.name] = bytearray(r.npages)
+            self.served_count[r.name] = 0
+            r.start_tally(len(pagemap.disks))
         self.pagemap = pagemap
         self.fetcher = fetcher
         self.installed.set()
@@ -155,11 +162,33 @@ class PageServer:
                     "pages_total": sum(s // 4096 for s in self.sizes.values())}
         out: dict[str, object] = {"pagemap_installed": 1, "pages_dirty": self.dirty.count,
                                   "pages_written_back": self.dirty.marked}
-        out.update(self.pagemap.counts())
-        out["pages_served"] = sum(b.count(1) for b in self.served.values())
-        from .index import remote_split  # remote pages: on the volume vs on other disks
-        out.update(remote_split(self.pagemap))
+        # counters moved by every state change, never a walk over the pages
+        pm = self.pagemap
+        total = zero = local = remote = on_volume = 0
+        volume = pm.meta.get("volume") if isinstance(pm.meta, dict) else None
+        vol = pm.disks.index(volume) if volume in pm.disks else (0 if pm.disks else -1)
+        for r in pm.regions:
+            t = r.tally
+            assert t is not None
+            total += r.npages
+            zero += t.zero
+            local += t.local
+            remote += t.remote_total
+            if vol >= 0:
+                on_volume += t.remote[vol]
+        out.update(pages_total=total, pages_zero=zero, pages_remote=remote, pages_local=local,
+                   pages_served=sum(self.served_count.values()),
+                   pages_on_volume=on_volume, pages_on_disks=remote - on_volume)
         return out
+
+    def mark_served(self, name: str, first: int, end: int) -> None:
+        """Pages [first, end) of ``name`` are served (counted once each)."""
+        served = self.served[name]
+        with self.served_lock:
+            new = served.count(0, first, end)
+            if new:
+                served[first:end] = b"\1" * (end - first)
+                self.served_count[name] += new
 
     # -- READ ------------------------------------------------------------------
 
@@ -173,7 +202,7 @@ class PageServer:
         first, last = offset // ps, (end + ps - 1) // ps
         # Served from the moment the READ arrives: the prefetcher must not push
         # these pages any more (DESIGN.md invariant 3).
-        self.served[name][first:last] = b"\1" * (last - first)
+        self.mark_served(name, first, last)
         push = self.pushing.get(name)
         if push and push[0] < last and first < push[1]:
             self.stats.add("push_races")
@@ -243,6 +272,17 @@ class PageServer:
         Under the region lock, and only for pages still remote: a page the
         guest wrote meanwhile is never overwritten (invariant 2).
         """
+        try:
+            kept = await self._keep(region, got)
+        finally:  # kept or not, the page state says from now on
+            if self.fetcher is not None:
+                self.fetcher.settled(region, got)
+        if kept:
+            for cb in self.on_fetched:
+                cb(region, kept)
+        return kept
+
+    async def _keep(self, region: Region, got: dict[int, memoryview]) -> list[int]:
         ps = region.page_size
         states = region.states
         async with self._locks[region.name]:
@@ -260,12 +300,8 @@ class PageServer:
                 log.warning("%s: %d fetched pages not kept: %s", region.name, len(pages), e)
                 pages = []
             for p in pages:
-                states[p] = LOCAL
-            kept = pages
-        if kept:
-            for cb in self.on_fetched:
-                cb(region, kept)
-        return kept
+                region.set_state(p, LOCAL)
+        return pages
 
     async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray,
                           skip: Sequence[int] = ()) -> None:
@@ -330,7 +366,7 @@ class PageServer:
             except OSError as e:  # nothing kept: the pages stay as they were
                 err = errno.ENOSPC if e.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
                 raise PageIOError(err, f"local store write failed: {e}") from None
-            region.states[first:last] = bytes([LOCAL]) * (last - first)
+            region.set_states(first, last, LOCAL)
             self.dirty.mark(name, first, last)
         self.stats.add("writes")
         self.stats.add("bytes_written", len(data))

@@ -208,7 +208,8 @@ class Prefetcher:
         inode = self.inode_of(region.name)
         self.pages.pushing[region.name] = (lo, hi)
         try:
-            n = await trio.to_thread.run_sync(_push_pages, inode, ps, todo, got, served, res)
+            n = await trio.to_thread.run_sync(_push_pages, inode, ps, todo, got, self.pages,
+                                              region.name, res)
             self.stats.add("pages_pushed", n)
         except OSError as e:
             self.stats.add("push_errors")
@@ -218,16 +219,23 @@ class Prefetcher:
 
 
 def _push_pages(inode: int, ps: int, pages: list[int], got: dict[int, memoryview],
-                served: bytearray, res: Residency) -> int:
+                server: PageServer, name: str, res: Residency) -> int:
     """Runs in a worker thread: notify_store may wait for a page lock that a
-    READ holds, and that READ needs the trio loop."""
+    READ holds, and that READ needs the trio loop.  The served mark is tested
+    and set under the page server's lock, never held across notify_store."""
     import pyfuse3
     zero = bytes(ps)
+    served = server.served[name]
+    lock = server.served_lock
     n = 0
     for p in pages:
         if served[p] or res.cached(p * ps, ps):
             continue
-        served[p] = 1  # a push serves: never pushed twice, read by an onward capture
+        with lock:  # a push serves: never pushed twice, read by an onward capture
+            if served[p]:
+                continue
+            served[p] = 1
+            server.served_count[name] += 1
         pyfuse3.notify_store(inode, p * ps, got.get(p, zero))
         n += 1
     return n

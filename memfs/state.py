@@ -357,7 +357,7 @@ class State:
         for r in pages.pagemap.regions:
             for first, end in self.local_pages(r.name):
                 end = min(end, r.npages)
-                r.states[first:end] = bytes([LOCAL]) * (end - first)
+                r.set_states(first, end, LOCAL)  # the gauges' tally follows
                 n += end - first
             w = self.wrote.get(r.name, bytearray())
             at = w.find(1)
@@ -367,7 +367,7 @@ class State:
                 pages.dirty.mark(r.name, at, min(end, r.npages))
                 at = w.find(1, end)
             if served:
-                pages.served[r.name][:] = b"\1" * r.npages
+                pages.mark_served(r.name, 0, r.npages)
         log.info("state %s: %d pages local from the journal (%d written by the guest)%s",
                  self.path, n, sum(w.count(1) for w in self.wrote.values()),
                  "; every page counts as served" if served else "")
