@@ -281,3 +281,50 @@ async def test_restore_command_line(saved: Saved, tmp_path: Path) -> None:
                 pass
         await trio.sleep(0.5)
         umount(mnt)
+
+
+async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path: Path) -> None:
+    """``memfs snapshot`` on a guest whose RAM is a /dev/shm file (RAM is read:
+    a capture pass while it runs, one based on it while it is stopped),
+    without --resume: the guest stays stopped; a clone has its sums."""
+    snap, vol = tmp_path / "snap", tmp_path / "snap.vol"
+    ram = shm / "ram0"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    extra_qmp = tmp_path / "extra.qmp"   # the test holds the VM's own QMP socket
+    try:
+        with trio.fail_after(240):
+            cfg = guest_config(guest, file_backend(ram, RAM), "shm", fill_mib=FILL)
+            cfg.extra_args += ["-qmp", f"unix:{extra_qmp},server=on,wait=off"]
+            async with VM.start(cfg, tmp_path) as vm:
+                await vm.console.expect(r"^READY", 30)
+                await trio.sleep(1.0)
+                await vm.console.command("mark m-shm", r"^MARK m-shm", 10)
+                before = await read_sum(vm.console, "before")
+                res = await trio.to_thread.run_sync(lambda: subprocess.run(
+                    [sys.executable, "-m", "memfs.cli", "snapshot", "--qmp", str(extra_qmp),
+                     "--ram", f"ram0={ram}", "--volume", str(vol), "--out", str(snap)],
+                    capture_output=True, text=True, timeout=120))
+                assert res.returncode == 0, res.stderr
+                rep = json.loads(res.stdout)
+                print("snapshot", rep)
+                assert rep["source"] == "read" and rep["volume_bytes"] >= FILL // 2 << 20
+                assert (await vm.qmp.execute("query-status"))["status"] == "postmigrate"
+                # a guest saved and left stopped cannot be saved again (QEMU would
+                # refuse the second migration): said before anything is written
+                res = await trio.to_thread.run_sync(lambda: subprocess.run(
+                    [sys.executable, "-m", "memfs.cli", "snapshot", "--qmp", str(extra_qmp),
+                     "--ram", f"ram0={ram}", "--volume", str(vol), "--out", str(snap)],
+                    capture_output=True, text=True, timeout=120))
+                assert res.returncode == 1 and res.stderr.splitlines() == [
+                    "memfs: snapshot failed: the guest is 'postmigrate': it must be "
+                    "running or paused"]
+            s = open_snapshot(str(snap))
+            assert ensure_mount(s, str(mnt))
+            async with restore_clones(s, str(mnt), 1, str(tmp_path), "shmclone") as (c,):
+                await c.console.send("readmark")
+                m = await c.console.expect(r"^MARKED (\S*)", 60)
+                assert m.group(1) == "m-shm"
+                check_sum(guest, await read_sum(c.console, "c", 60), before)
+    finally:
+        umount(mnt)
