@@ -34,8 +34,10 @@ _SECTIONS = (
                "pagemap_installed")),
     ("requests", ("reads", "writes", "faults", "bytes_read", "bytes_written",
                   "reads_waited_for_pagemap")),
-    ("fetches", ("fetch_requests", "pages_fetched", "bytes_fetched", "fetch_retries",
-                 "fetch_errors", "checksum_failures", "pages_failed", "read_errors")),
+    ("fetches", ("fetch_requests", "pages_fetched", "pages_fetched_demand",
+                 "pages_fetched_prefetch", "pages_joined", "pages_held_hits", "bytes_fetched",
+                 "bytes_bridged", "fetch_retries", "fetch_errors", "checksum_failures",
+                 "pages_failed", "read_errors")),
     ("prefetch", ("pages_prefetched", "pages_pushed", "push_errors", "push_races",
                   "prefetch_done", "prefetch_seconds")),
 )
