@@ -227,8 +227,9 @@ def test_references_to_an_rbd_snapshot(ceph_cluster, tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("needs_fuse")
 def test_osd_killed_and_restarted_mid_read(ceph_cluster, tmp_path) -> None:
-    """kill -9 of the only OSD while a process first-touches the mount: its
-    reads wait for the OSD to come back (librbd resends), then every byte is right."""
+    """kill -9 of the only OSD while a process is first-touching the mount, a
+    MiB every 50 ms: its reads wait for the OSD to come back (librbd resends),
+    then every byte is right and no read failed."""
     c = ceph_cluster
     ram = str(tmp_path / "vm.ram")
     data = make_ram(ram, 8192)                      # 32 MiB
@@ -236,19 +237,25 @@ def test_osd_killed_and_restarted_mid_read(ceph_cluster, tmp_path) -> None:
     pm = str(tmp_path / "vm.pm")
     memfs("capture", "--ram", ram, "--volume", vol, "--out", pm)
     mnt = str(tmp_path / "mnt")
-    with mounted(pm, mnt):
-        c.kill_osd()
-        killed = time.monotonic()
+    with mounted(pm, mnt, "--no-prefetch"):
+        remote0 = read_stat(mnt, "pages_remote")
+        code = ("import mmap,sys,time\n"
+                "f=open(sys.argv[1],'rb'); m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\n"
+                "for o in range(0,len(m),1<<20): m[o:o+(1<<20)]; time.sleep(0.05)\n"
+                "sys.stdout.buffer.write(m[:])\n")
         with open(str(tmp_path / "got"), "wb") as out:
-            code = ("import mmap,sys\n"
-                    "f=open(sys.argv[1],'rb'); m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\n"
-                    "sys.stdout.buffer.write(m[:])\n")
             reader = subprocess.Popen([sys.executable, "-c", code,
                                        os.path.join(mnt, "ram0")], stdout=out,
                                       stderr=subprocess.PIPE)
+            while read_stat(mnt, "pages_remote") == remote0:   # its first reads are done
+                assert reader.poll() is None
+                time.sleep(0.01)
+            c.kill_osd()
+            killed = time.monotonic()
+            at_kill = read_stat(mnt, "pages_remote")
             time.sleep(2)
             assert reader.poll() is None, "the reader finished with the only OSD dead"
-            assert read_stat(mnt, "pages_remote") > 0
+            assert 0 < read_stat(mnt, "pages_remote") <= at_kill < remote0
             c.start_osd()
             restarted = time.monotonic()
             _, err = reader.communicate(timeout=300)
@@ -256,5 +263,54 @@ def test_osd_killed_and_restarted_mid_read(ceph_cluster, tmp_path) -> None:
         assert reader.returncode == 0, err.decode()[-2000:]
         assert (tmp_path / "got").read_bytes() == data
         assert read_stat(mnt, "checksum_failures") == 0
-    print(f"\nOSD down {restarted - killed:.1f} s; reader done {done - restarted:.1f} s "
-          f"after the restart ({done - killed:.1f} s after the kill)")
+        assert read_stat(mnt, "read_errors") == 0 and read_stat(mnt, "fetch_errors") == 0
+        assert read_stat(mnt, "pages_remote") == 0
+    print(f"\nOSD killed with {at_kill} of {remote0} pages remote; down "
+          f"{restarted - killed:.1f} s; reader done {done - restarted:.1f} s after the "
+          f"restart ({done - killed:.1f} s after the kill)")
+
+
+@pytest.mark.ceph
+@pytest.mark.qemu
+@pytest.mark.mount
+@pytest.mark.slow
+async def test_migrate_a_guest_with_its_volume_on_rbd(ceph_cluster, guest, shm,
+                                                       tmp_path) -> None:
+    """A running guest moves onto memfs; the volume its pages go to is an RBD
+    image; the destination faults them in from Ceph; its checksums hold, also
+    after the host dropped its page cache."""
+    from memfs import control
+    from memfs.qemu import VM, file_backend
+    from memfs.qemu.guest import guest_config, read_sum
+    from memfs.qemu.migrate import MigrateOptions, migrate
+    from test_migrate import FILL, RAM, check_report, check_sum, drop_caches, waiting_mount
+
+    c = ceph_cluster
+    vol = c.uri(_name("guest"))
+    src_ram = shm / "src.ram"
+    src_cfg = guest_config(guest, file_backend(src_ram, RAM), "src", fill_mib=FILL)
+    with waiting_mount(tmp_path / "m1") as mnt, trio.fail_after(120):
+        dst_cfg = guest_config(guest, file_backend(mnt / "ram0", RAM, share=True), "dst",
+                               incoming="defer", fill_mib=FILL)
+        async with VM.start(src_cfg, tmp_path) as src, VM.start(dst_cfg, tmp_path) as dst:
+            await src.console.expect(r"^READY", 30)
+            await trio.sleep(0.5)
+            before = await read_sum(src.console, "before")
+            opts = MigrateOptions(source_qmp=None, rams=[("ram0", str(src_ram))], volume=vol,
+                                  pagemap=str(tmp_path / "vm.pagemap"), dest_qmp=None,
+                                  dest_mount=str(mnt), passes=1, timeout=60)
+            rep = await migrate(opts, src.qmp, dst.qmp)
+            print(rep.text())
+            check_report(rep)
+            assert rep.volume == vol and rep.volume_bytes >= FILL // 2 * (1 << 20), rep
+            assert rep.pages_remote_at_resume > FILL * 256 // 2, rep
+            after = await read_sum(dst.console, "after", 30)
+            check_sum(guest, after, before)
+            st = control.read_stats(mnt)
+            assert st["pages_fetched"] > 0 and st["checksum_failures"] == 0, st
+            await trio.sleep(1)
+            await trio.to_thread.run_sync(drop_caches)
+            later = await read_sum(dst.console, "later", 30)
+            check_sum(guest, later, before)
+            assert later.gen > after.gen
+    assert PageMap.load(str(tmp_path / "vm.pagemap")).disks == [vol]
