@@ -146,6 +146,39 @@ async def test_rbd_disk_write_read_and_refusals(ceph_cluster) -> None:
 
 
 @pytest.mark.ceph
+@pytest.mark.slow
+async def test_read_deadline_while_the_osd_is_down(ceph_cluster) -> None:
+    """With the only OSD dead, a read ends at the URI's timeout with one line;
+    a disk with the default timeout rides the restart out, and the one that
+    timed out reads again (nothing to reopen)."""
+    c = ceph_cluster
+    name = _name("dl")
+    blob = os.urandom(1 << 20)
+    async with await open_disk(c.uri(name), writable=True, create_size=4 << 20) as d:
+        await d.write(0, blob)
+        await d.flush()
+    uri = c.uri(name) + ":timeout=2"
+    async with await open_disk(uri) as d, await open_disk(c.uri(name)) as patient:
+        c.kill_osd()
+        try:
+            t = trio.current_time()
+            with pytest.raises(DiskError) as e:
+                await d.read(0, 4096)
+            took = trio.current_time() - t
+            assert str(e.value) == f"{uri}: read of 4096 bytes at 0 failed: timed out after " \
+                                   f"{took:.1f} s (no answer from the cluster)"
+            assert d.stats()["rbd_timeouts"] == 1
+        finally:
+            c.start_osd()
+        t = trio.current_time()
+        assert await patient.read(0, len(blob)) == blob     # default timeout: 60 s
+        back = trio.current_time() - t
+        assert await d.read(0, len(blob)) == blob
+    print(f"\nread failed after {took:.2f} s with the OSD down; after the restart the next "
+          f"read took {back:.1f} s")
+
+
+@pytest.mark.ceph
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
 def test_capture_to_rbd_volume_and_mount(ceph_cluster, tmp_path) -> None:
