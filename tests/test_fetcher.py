@@ -8,6 +8,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from memfs.capture import capture
 from memfs.disks import open_disk
@@ -174,3 +175,51 @@ def test_nowait_pread_serves_cached_bytes_and_declines_the_rest(tmp_path) -> Non
         assert nowait_pread(fd, 0, _NOWAIT_MAX + PS) is None  # large: a thread's job
     finally:
         os.close(fd)
+
+
+async def test_a_demand_fault_costs_at_most_one_thread_hop(tmp_path, ram, monkeypatch) -> None:
+    """A 4 KiB fault of a remote page: the disk read is the one hop (none
+    when the volume's page cache answers); the store write of the fetched
+    page runs on the loop, deferred past the reply."""
+    pm, data, vol = await captured(tmp_path, ram)
+    server, _, stats = await make_server(tmp_path, pm)
+    r = pm.region("ram0")
+    remote = [p for p in range(r.npages) if r.states[p] == PageState.REMOTE]
+    hops: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kw):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kw)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+
+    def evict() -> None:
+        fd = os.open(vol, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    async with trio.open_nursery() as bg:
+        server.background = bg
+        per_fault = []
+        for p in remote[10:40:3]:
+            evict()
+            hops.clear()
+            assert await server.read("ram0", p * PS, PS) == data[p * PS:(p + 1) * PS]
+            await trio.testing.wait_all_tasks_blocked()  # the deferred store write too
+            per_fault.append(len(hops))
+            assert r.states[p] == PageState.LOCAL
+        assert max(per_fault) <= 1, per_fault
+        cached = []
+        with open(vol, "rb") as f:
+            f.read()  # the volume in the page cache
+        for p in remote[50:80:3]:
+            hops.clear()
+            assert await server.read("ram0", p * PS, PS) == data[p * PS:(p + 1) * PS]
+            await trio.testing.wait_all_tasks_blocked()
+            cached.append(len(hops))
+        assert cached == [0] * len(cached)
+        server.background = None
+    print(f"hops per cold fault {per_fault}, per fault with the volume cached {cached}")
