@@ -30,12 +30,12 @@ from typing import Any
 import xxhash
 
 from . import volume as volumes
-from .disks import open_disk
+from .disks import DiskError, open_disk, parse_uri
 from .fileio import atomic_write
 from .pagemap import PageMap, PageMapError, PageState
 
 __all__ = ["SnapshotError", "Manifest", "file_sum", "MANIFEST", "DEVICES", "PAGEMAP",
-           "rebase_volume"]
+           "rebase_volume", "check_new_volume"]
 
 FORMAT = "memfs-snapshot"
 VERSION = 1
@@ -178,6 +178,34 @@ async def rebase_volume(pm: PageMap, old_uri: str, new_uri: str) -> dict[str, An
         raise SnapshotError(f"the page map records no identity for volume {old_uri}")
     at = rec[old_uri][1]
     di = pm.disks.index(old_uri)
+    try:
+        return await _rebase(pm, old_uri, new_uri, at, di)
+    except (volumes.VolumeError, DiskError) as e:
+        raise SnapshotError(f"copying the pages to {new_uri}: {e}") from None
+
+
+async def check_new_volume(uri: str, at: int) -> None:
+    """A snapshot's volume must be new: a file that does not exist yet, or a
+    disk with no memfs volume identity on it.  Why: writing pages over
+    another snapshot's volume would destroy that snapshot."""
+    try:
+        parsed = parse_uri(uri)
+    except DiskError as e:
+        raise SnapshotError(str(e)) from None
+    if parsed.scheme == "file":
+        if os.path.lexists(parsed.path):
+            raise SnapshotError(f"volume {uri} exists: a snapshot needs a new volume")
+        return
+    try:
+        async with await open_disk(uri) as disk:
+            if disk.size >= at + volumes.IDENTITY_SIZE \
+                    and await volumes.read_identity(disk, at) is not None:
+                raise SnapshotError(f"volume {uri} already holds a memfs volume: give a new one")
+    except (volumes.VolumeError, DiskError) as e:
+        raise SnapshotError(f"volume {uri}: {e}") from None
+
+
+async def _rebase(pm: PageMap, old_uri: str, new_uri: str, at: int, di: int) -> dict[str, Any]:
     copied = 0
     async with await open_disk(old_uri) as src, \
             await open_disk(new_uri, writable=True, create_size=at + volumes.IDENTITY_SIZE) as dst:

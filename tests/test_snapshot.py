@@ -218,9 +218,12 @@ async def _serial_line(path: str, command: str, pattern: str) -> str:
             buf = b""
             while True:
                 buf += await stream.receive_some(4096)
-                for line in buf.decode("utf-8", "replace").splitlines():
+                *done, rest = buf.split(b"\n")   # whole lines only
+                for raw in done:
+                    line = raw.decode("utf-8", "replace").strip()
                     if line.startswith(pattern):
-                        return line.strip()
+                        return line
+                buf = rest
 
 
 async def test_restore_command_line(saved: Saved, tmp_path: Path) -> None:
@@ -301,6 +304,19 @@ async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path:
                 await trio.sleep(1.0)
                 await vm.console.command("mark m-shm", r"^MARK m-shm", 10)
                 before = await read_sum(vm.console, "before")
+                # pages are never written over an existing volume (another
+                # snapshot's): refused before the guest is touched
+                old = tmp_path / "old.vol"
+                old.write_bytes(b"x")
+                res = await trio.to_thread.run_sync(lambda: subprocess.run(
+                    [sys.executable, "-m", "memfs.cli", "snapshot", "--qmp", str(extra_qmp),
+                     "--ram", f"ram0={ram}", "--volume", str(old), "--out", str(snap)],
+                    capture_output=True, text=True, timeout=120))
+                assert res.returncode == 1 and res.stderr.splitlines() == [
+                    f"memfs: snapshot failed: volume {old} exists: a snapshot needs a new "
+                    "volume"], res.stderr
+                assert not snap.exists()
+                assert (await vm.qmp.execute("query-status"))["status"] == "running"
                 res = await trio.to_thread.run_sync(lambda: subprocess.run(
                     [sys.executable, "-m", "memfs.cli", "snapshot", "--qmp", str(extra_qmp),
                      "--ram", f"ram0={ram}", "--volume", str(vol), "--out", str(snap)],

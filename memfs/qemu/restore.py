@@ -245,6 +245,9 @@ async def _drive(socks: Sequence[str], devices: str) -> None:
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
+    if a.clones < 1:
+        print("memfs: restore: --clones must be 1 or more", file=sys.stderr)
+        return 2
     try:
         snap = open_snapshot(a.dir)
         if not snap.manifest.qemu.get("vmgenid"):

@@ -38,7 +38,8 @@ from .. import control
 from .. import volume as volumes
 from ..capture import parse_ram_args
 from ..pagemap import PageMap
-from ..snapshot import DEVICES, PAGEMAP, Manifest, SnapshotError, rebase_volume
+from ..snapshot import (DEVICES, PAGEMAP, Manifest, SnapshotError, check_new_volume,
+                        rebase_volume)
 from .passes import MountPasses, PassError, ReadPasses
 from .plain import MigrationWatch, set_capabilities
 from .qmp import QMP, QMPError
@@ -161,6 +162,7 @@ async def snapshot(opts: SnapshotOptions, qmp: QMP | None = None) -> SnapshotRep
     status = (await qmp.execute("query-status"))["status"]
     if status not in ("running", "paused"):
         raise SnapshotError(f"the guest is {status!r}: it must be running or paused")
+    await check_new_volume(opts.volume, volumes.identity_offset(list(sizes.values())))
     _check_dir(out)
     rep = SnapshotReport(source="mount" if mount else "read")
     t0 = time.monotonic()
