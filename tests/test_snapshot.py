@@ -16,23 +16,33 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memfs import control
 from memfs.qemu import VM, file_backend
 from memfs.qemu.guest import GuestImage, GuestSum, guest_config, read_sum
 from memfs.qemu.restore import ensure_mount, open_snapshot, restore_clones
-from memfs.qemu.snapshot import SnapshotOptions, snapshot
-from memfs.snapshot import DEVICES, MANIFEST, PAGEMAP, SnapshotError
+from memfs.qemu.snapshot import SnapshotOptions, join_props, parse_props, snapshot
+from memfs.snapshot import DEVICES, MANIFEST, PAGEMAP, Manifest, SnapshotError
 from ramimage import mounted
 from test_migrate import FILL, RAM, check_sum, drop_caches
 
-pytestmark = [pytest.mark.qemu, pytest.mark.mount, pytest.mark.slow,
-              pytest.mark.usefixtures("needs_fuse")]
+#: the tests that boot the guest (the manifest and argument parsers at the end do not)
+guest_test = pytest.mark.usefixtures("needs_fuse")
+GUEST = [pytest.mark.qemu, pytest.mark.mount, pytest.mark.slow, guest_test]
+
+
+def on_guest(f):  # type: ignore[no-untyped-def]
+    for m in GUEST:
+        f = m(f)
+    return f
 
 
 class Saved:
@@ -87,6 +97,7 @@ async def check_clone(image: GuestImage, vm: VM, saved: Saved, tag: str) -> None
     check_sum(image, await read_sum(vm.console, tag, 60), saved.before)
 
 
+@on_guest
 async def test_restore_once_and_four_clones(guest: GuestImage, saved: Saved,
                                             tmp_path: Path) -> None:
     snap = open_snapshot(str(saved.dir))
@@ -156,6 +167,7 @@ def _restore_cli(d: Path, mnt: Path) -> tuple[int, str, float]:
     return res.returncode, res.stderr, time.monotonic() - t0
 
 
+@on_guest
 @pytest.mark.parametrize("what", ["manifest", "devices", "pagemap", "truncated"])
 def test_corrupt_snapshot_is_refused(saved: Saved, tmp_path: Path, what: str) -> None:
     d = _copy(saved, tmp_path / "snap")
@@ -185,6 +197,7 @@ def test_corrupt_snapshot_is_refused(saved: Saved, tmp_path: Path, what: str) ->
         open_snapshot(str(d))
 
 
+@on_guest
 def test_replaced_volume_is_refused(saved: Saved, tmp_path: Path) -> None:
     """The volume recreated under the same name: the mount refuses the page
     map before it serves a page, and restore says so in one line."""
@@ -226,6 +239,7 @@ async def _serial_line(path: str, command: str, pattern: str) -> str:
                 buf = rest
 
 
+@on_guest
 async def test_restore_command_line(saved: Saved, tmp_path: Path) -> None:
     """The command itself: two daemonized clones (serial and QMP on sockets),
     then --print-args and --qmp for a QEMU started by someone else."""
@@ -286,6 +300,7 @@ async def test_restore_command_line(saved: Saved, tmp_path: Path) -> None:
         umount(mnt)
 
 
+@on_guest
 async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path: Path) -> None:
     """``memfs snapshot`` on a guest whose RAM is a /dev/shm file (RAM is read:
     a capture pass while it runs, one based on it while it is stopped),
@@ -344,3 +359,61 @@ async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path:
                 check_sum(guest, await read_sum(c.console, "c", 60), before)
     finally:
         umount(mnt)
+
+
+# -- parsers (no guest) ------------------------------------------------------------
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                     | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+def _signed(doc: dict) -> bytes:
+    from memfs.snapshot import _canonical
+    import xxhash
+    doc = dict(doc)
+    doc.pop("checksum", None)
+    doc["checksum"] = xxhash.xxh3_128_hexdigest(_canonical(doc))
+    return json.dumps(doc).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=300))
+def test_manifest_bytes_fuzz(raw: bytes) -> None:
+    """Any bytes: a Manifest or one SnapshotError, never another exception."""
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, MANIFEST).write_bytes(raw)
+        with pytest.raises(SnapshotError):
+            Manifest.load(d)
+
+
+@settings(max_examples=300, deadline=None)
+@given(files=_json, regions=_json, volume=_json, qemu=_json, created=_json,
+       extra=st.dictionaries(st.sampled_from(["info", "version", "format"]), _json))
+def test_manifest_fields_fuzz(files: object, regions: object, volume: object, qemu: object,
+                              created: object, extra: dict) -> None:
+    """A manifest whose own checksum is right but whose fields are anything:
+    loaded (and then well-formed) or refused with one SnapshotError."""
+    doc = {"format": "memfs-snapshot", "version": 1, "files": files, "regions": regions,
+           "volume": volume, "qemu": qemu, "created": created, **extra}
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, MANIFEST).write_bytes(_signed(doc))
+        try:
+            m = Manifest.load(d)
+        except SnapshotError as e:
+            assert str(e).startswith(f"{d}/{MANIFEST}: ") and "\n" not in str(e)
+            return
+        assert {DEVICES, PAGEMAP} <= set(m.files)
+        assert all(os.path.basename(n) == n for n in m.files)
+
+
+@given(props=st.lists(st.tuples(st.text("abcz-_.", min_size=1, max_size=6),
+                                 st.text(max_size=10).filter(lambda v: "\0" not in v)),
+                      max_size=5),
+       head=st.text(min_size=1, max_size=10).filter(lambda v: "=" not in v))
+def test_props_round_trip(props: list, head: str) -> None:
+    """QEMU's key=value lists (with ,, for a comma) survive parse and join,
+    so a clone's command line keeps every property it does not change."""
+    pairs = [("", head)] + props
+    assert parse_props(join_props(pairs)) == pairs
