@@ -82,6 +82,33 @@ def test_any_rbd_name_parses_or_is_one_disk_error(text: str) -> None:
         assert u.scheme == "rbd" and u.pool and u.image
 
 
+def _bindings_or_skip() -> None:
+    try:
+        import rbd  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"the librbd Python bindings cannot be imported ({e})")
+
+
+async def test_unreachable_cluster_and_missing_conf(tmp_path) -> None:
+    """No cluster needed: a monitor nobody answers at fails open at the URI's
+    timeout; no ceph.conf and no mon_host fails at once; one line each."""
+    _bindings_or_skip()
+    keyring = tmp_path / "k.keyring"
+    subprocess.run(["ceph-authtool", "--create-keyring", str(keyring), "--gen-key", "-n",
+                    "client.admin"], check=True, capture_output=True)
+    dead = rf"rbd:rbd/x:mon_host=127.0.0.1\:1:keyring={keyring}:timeout=2"
+    t = trio.current_time()
+    with pytest.raises(DiskError) as e:
+        await open_disk(dead)
+    took = trio.current_time() - t
+    assert str(e.value) == f"{dead}: cannot open: connect to the monitors: Connection timed out"
+    noconf = "rbd:rbd/x:conf=" + str(tmp_path / "none.conf")
+    with pytest.raises(DiskError) as e:
+        await open_disk(noconf)
+    assert str(e.value) == f"{noconf}: cannot open: conf {tmp_path}/none.conf: No such file"
+    print(f"\nunreachable monitor: open failed after {took:.2f} s")
+
+
 # -- the back end and the CLI on a real cluster ---------------------------------
 
 
@@ -285,11 +312,13 @@ def test_osd_killed_and_restarted_mid_read(ceph_cluster, tmp_path) -> None:
                 time.sleep(0.01)
             c.kill_osd()
             killed = time.monotonic()
-            at_kill = read_stat(mnt, "pages_remote")
-            time.sleep(2)
-            assert reader.poll() is None, "the reader finished with the only OSD dead"
-            assert 0 < read_stat(mnt, "pages_remote") <= at_kill < remote0
-            c.start_osd()
+            try:
+                at_kill = read_stat(mnt, "pages_remote")
+                time.sleep(2)
+                assert reader.poll() is None, "the reader finished with the only OSD dead"
+                assert 0 < read_stat(mnt, "pages_remote") <= at_kill < remote0
+            finally:
+                c.start_osd()
             restarted = time.monotonic()
             _, err = reader.communicate(timeout=300)
         done = time.monotonic()

@@ -37,7 +37,8 @@ log = logging.getLogger("memfs.rbd")
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 4
-#: how long connecting to the monitors may take before open fails
+#: how long connecting to the monitors may take before open fails (or the
+#: URI's timeout, if shorter)
 CONNECT_TIMEOUT = 20
 #: options of the URI; the first three are QEMU's, passed to librados as it does
 OPTIONS = ("conf", "id", "keyring", "mon_host", "timeout")
@@ -185,20 +186,26 @@ class RBDDisk(Disk):
     def _open_sync(self, create_size: int | None) -> None:
         rados, rbd = _bindings()
         q = self._parsed.query
-        conf = {"client_mount_timeout": str(CONNECT_TIMEOUT),
-                "rados_mon_op_timeout": str(CONNECT_TIMEOUT)}
+        wait = max(1, round(min(CONNECT_TIMEOUT, self.timeout)))
+        conf = {"client_mount_timeout": str(wait), "rados_mon_op_timeout": str(wait),
+                # librados's own complaints would land on the daemon's stderr: the
+                # DiskError says what failed
+                "log_to_stderr": "false", "err_to_stderr": "false"}
         if "keyring" in q:
             conf["keyring"] = q["keyring"]
         if "mon_host" in q:
             conf["mon_host"] = q["mon_host"]
-        step = "connect"
+        step = "configure"
         try:
             if "conf" in q and not os.path.isfile(q["conf"]):
                 raise DiskError(f"{self.uri}: cannot open: conf {q['conf']}: "
                                 "No such file")
-            self._cluster = rados.Rados(rados_id=q.get("id", "admin"),
-                                        conffile=q.get("conf", ""), conf=conf)
-            self._cluster.connect(timeout=CONNECT_TIMEOUT)
+            # no conf: librados's search path ("") unless mon_host says where to go
+            conffile = q.get("conf", None if "mon_host" in q else "")
+            self._cluster = rados.Rados(rados_id=q.get("id", "admin"), conffile=conffile,
+                                        conf=conf)
+            step = "connect to the monitors"
+            self._cluster.connect(timeout=wait)
             step = f"pool {self._parsed.pool}"
             self._ioctx = self._cluster.open_ioctx(self._parsed.pool)
             if self._parsed.namespace:
@@ -219,7 +226,12 @@ class RBDDisk(Disk):
         except DiskError:
             raise
         except Exception as e:  # rados.Error, rbd.Error and their kin
-            raise DiskError(f"{self.uri}: cannot open: {step}: {_why(e)}") from None
+            why = _why(e)
+            if why == os.strerror(errno.ENOENT) and step == "configure":
+                why = "no ceph.conf found (conf=PATH or mon_host=ADDRS)"
+            elif why == os.strerror(errno.ENOENT) and step.startswith("connect"):
+                why = "no keyring for the client (keyring=PATH)"
+            raise DiskError(f"{self.uri}: cannot open: {step}: {why}") from None
 
     def _open_image(self, rbd: Any) -> Any:
         p = self._parsed
