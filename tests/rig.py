@@ -1,0 +1,227 @@
+"""Three hosts on one machine: network namespaces for source, destination and
+storage, joined by veth pairs with ``tc tbf`` rate limits.
+
+    src ==== migration link ==== dst
+      \\                          /
+       storage link    storage link
+            \\            /
+               storage  (address STORAGE_IP on its lo, routed over both links)
+
+There is no netem on these machines (no delay qdisc), so delay is added in
+user space: :class:`DelayRelay` is a TCP relay that holds every chunk it
+forwards for a fixed time, each direction.  Byte counters come from the
+kernel's counters of each veth end (``ip -s -j link``), so what crossed a
+link is measured, not estimated.  Everything is torn down on exit; names carry
+a random tag, so two rigs never collide.
+
+    with Rig(migration="1gbit", storage="10gbit") as rig:
+        rig.run("dst", "ip", "addr")   # or rig.enter("dst") in this thread
+        rig.tx_bytes("migration")
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from typing import Any
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+
+HOSTS = ("src", "dst", "sto")
+_HOST_CODE = {"src": "s", "dst": "d", "sto": "o"}
+#: link name -> (host a, host b, subnet index)
+LINKS = {"migration": ("src", "dst", 1), "storage-src": ("src", "sto", 2),
+         "storage-dst": ("dst", "sto", 3)}
+
+
+class Rig:
+    """The namespaces, links and limits; ``ip(host, link)`` is a host's address on a link."""
+
+    def __init__(self, migration: str = "1gbit", storage: str = "10gbit",
+                 net: int | None = None) -> None:
+        self.tag = uuid.uuid4().hex[:6]
+        self.rates = {"migration": migration, "storage-src": storage, "storage-dst": storage}
+        self.net = net if net is not None else 100 + int(self.tag, 16) % 100
+        self.storage_ip = f"10.{self.net}.9.1"
+        self.up = False
+
+    def ns(self, host: str) -> str:
+        return f"memfs-{self.tag}-{host}"
+
+    def dev(self, link: str, host: str) -> str:
+        code = {"migration": "m", "storage-src": "s", "storage-dst": "d"}[link]
+        return f"m{self.tag}{code}{_HOST_CODE[host]}"
+
+    def ip(self, host: str, link: str) -> str:
+        a, b, k = LINKS[link]
+        return f"10.{self.net}.{k}.{1 if host == a else 2}"
+
+    # ------------------------------------------------------------------ life
+
+    def __enter__(self) -> "Rig":
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _sh(self, *argv: str) -> str:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if res.returncode:
+            raise RuntimeError(f"{' '.join(argv)}: {res.stderr.strip()}")
+        return res.stdout
+
+    def _build(self) -> None:
+        for h in HOSTS:
+            self._sh("ip", "netns", "add", self.ns(h))
+            self._sh("ip", "-n", self.ns(h), "link", "set", "lo", "up")
+        self.up = True
+        self._sh("ip", "-n", self.ns("sto"), "addr", "add", f"{self.storage_ip}/32", "dev", "lo")
+        for link, (a, b, _) in LINKS.items():
+            da, db = self.dev(link, a), self.dev(link, b)
+            self._sh("ip", "link", "add", da, "type", "veth", "peer", "name", db)
+            for host, dev in ((a, da), (b, db)):
+                self._sh("ip", "link", "set", dev, "netns", self.ns(host))
+                self._sh("ip", "-n", self.ns(host), "addr", "add",
+                         f"{self.ip(host, link)}/24", "dev", dev)
+                self._sh("ip", "-n", self.ns(host), "link", "set", dev, "up")
+                # egress limit on each end: the link carries `rate` each way
+                self._sh("tc", "-n", self.ns(host), "qdisc", "add", "dev", dev, "root", "tbf",
+                         "rate", self.rates[link], "burst", "1mb", "latency", "100ms")
+        for host, link in (("src", "storage-src"), ("dst", "storage-dst")):
+            self._sh("ip", "-n", self.ns(host), "route", "add", f"{self.storage_ip}/32", "via",
+                     self.ip("sto", link))
+
+    def close(self) -> None:
+        if not self.up:
+            return
+        for h in HOSTS:
+            subprocess.run(["ip", "netns", "pids", self.ns(h)], capture_output=True)
+            subprocess.run(["ip", "netns", "del", self.ns(h)], capture_output=True)
+        self.up = False
+
+    # ------------------------------------------------------------------ use
+
+    def prefix(self, host: str) -> list[str]:
+        """argv prefix that runs a command on ``host`` (network namespace only:
+        the mount namespace stays the host's, so FUSE mounts are seen by all)."""
+        return ["nsenter", f"--net=/run/netns/{self.ns(host)}"]
+
+    def run(self, host: str, *argv: str, **kw: Any) -> subprocess.CompletedProcess:
+        return subprocess.run(self.prefix(host) + list(argv), **kw)
+
+    def enter(self, host: str) -> None:
+        """Move the calling thread (and the processes and threads it starts
+        from now on) into ``host``'s network namespace."""
+        fd = os.open(f"/run/netns/{self.ns(host)}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"setns {self.ns(host)}: {os.strerror(e)}")
+        finally:
+            os.close(fd)
+
+    def tx_bytes(self, link: str) -> dict[str, int]:
+        """Bytes each end of ``link`` has sent so far (kernel counters)."""
+        out = {}
+        for host in LINKS[link][:2]:
+            doc = json.loads(self._sh("ip", "-n", self.ns(host), "-s", "-j", "link", "show",
+                                      "dev", self.dev(link, host)))
+            out[host] = int(doc[0]["stats64"]["tx"]["bytes"])
+        return out
+
+    def qdisc(self, link: str, host: str) -> str:
+        return self._sh("tc", "-n", self.ns(host), "qdisc", "show", "dev",
+                        self.dev(link, host)).strip()
+
+
+class DelayRelay:
+    """A TCP relay that holds every chunk ``delay`` seconds before passing it
+    on (each direction): the link's latency, in user space.  Listens on
+    ``listen`` in the calling thread's network namespace and connects to
+    ``target`` from there.  One thread per direction per connection."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay: float) -> None:
+        self.target = target
+        self.delay = delay
+        self.sock = socket.create_server(listen, reuse_port=False)
+        self.addr = self.sock.getsockname()
+        self.bytes = 0
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                a, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                b = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                a.close()
+                continue
+            b.settimeout(None)
+            for x, y in ((a, b), (b, a)):
+                t = threading.Thread(target=self._pipe, args=(x, y), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        """Read as it comes; send each chunk once it is ``delay`` old (a queue
+        between a reader and this sender keeps the link full meanwhile)."""
+        import collections
+        q: collections.deque[tuple[float, bytes]] = collections.deque()
+        cond = threading.Condition()
+        done = [False]
+
+        def reader() -> None:
+            try:
+                while chunk := src.recv(1 << 16):
+                    with cond:
+                        q.append((time.monotonic() + self.delay, chunk))
+                        cond.notify()
+            except OSError:
+                pass
+            with cond:
+                done[0] = True
+                cond.notify()
+        threading.Thread(target=reader, daemon=True).start()
+        try:
+            while True:
+                with cond:
+                    while not q and not done[0]:
+                        cond.wait()
+                    if not q:
+                        break
+                    due, chunk = q.popleft()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                dst.sendall(chunk)
+                self.bytes += len(chunk)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
