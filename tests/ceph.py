@@ -55,8 +55,13 @@ class CephCluster:
 
     pool = "rbd"
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, addr: str = "127.0.0.1",
+                 prefix: tuple[str, ...] = ()) -> None:
         self.dir = base
+        #: where the daemons listen, and the argv prefix that runs them (and
+        #: this class's tools) on their host (tests/rig.py: the storage namespace)
+        self.addr = addr
+        self.prefix = list(prefix)
         self.conf = os.path.join(base, "ceph.conf")
         self.keyring = os.path.join(base, "admin.keyring")
         self.fsid = str(uuid.uuid4())
@@ -70,7 +75,7 @@ class CephCluster:
 
     def run(self, *argv: str, input: bytes | None = None, timeout: float = 60) -> str:
         """A Ceph command-line tool against this cluster; its stdout, or AssertionError."""
-        res = subprocess.run([argv[0], "-c", self.conf, *argv[1:]], input=input,
+        res = subprocess.run([*self.prefix, argv[0], "-c", self.conf, *argv[1:]], input=input,
                              capture_output=True, timeout=timeout)
         if res.returncode:
             raise AssertionError(f"{' '.join(argv)}: exit {res.returncode}: "
@@ -80,7 +85,7 @@ class CephCluster:
     def _daemon(self, name: str, argv: list[str]) -> None:
         log = open(os.path.join(self.dir, f"{name}.out"), "ab")
         try:
-            self.procs[name] = subprocess.Popen(argv + ["-f", "-c", self.conf],
+            self.procs[name] = subprocess.Popen(self.prefix + argv + ["-f", "-c", self.conf],
                                                 stdin=subprocess.DEVNULL, stdout=log,
                                                 stderr=log, preexec_fn=_die_with_parent)
         finally:
@@ -91,9 +96,9 @@ class CephCluster:
         with open(self.conf, "w") as f:
             f.write(f"""[global]
 fsid = {self.fsid}
-mon host = v2:127.0.0.1:{self.mon_port}
+mon host = v2:{self.addr}:{self.mon_port}
 mon initial members = a
-public addr = 127.0.0.1
+public addr = {self.addr}
 ms bind ipv6 = false
 ms bind msgr1 = false
 auth cluster required = cephx
@@ -146,7 +151,7 @@ log file = {d}/log/client.$pid.log
         self._tool("ceph-authtool", mon_kr, "--import-keyring", self.keyring)
         monmap = os.path.join(d, "monmap")
         self._tool("monmaptool", "--create", "--addv", "a",
-                   f"[v2:127.0.0.1:{self.mon_port}]", "--fsid", self.fsid, monmap)
+                   f"[v2:{self.addr}:{self.mon_port}]", "--fsid", self.fsid, monmap)
         self._tool("ceph-mon", "-c", self.conf, "--mkfs", "-i", "a", "--monmap", monmap,
                    "--keyring", mon_kr)
         self._daemon("mon", ["ceph-mon", "-i", "a"])
@@ -169,7 +174,7 @@ log file = {d}/log/client.$pid.log
         self.timings["pool"] = time.monotonic() - t
 
     def _tool(self, *argv: str) -> None:
-        res = subprocess.run(argv, capture_output=True, timeout=120)
+        res = subprocess.run([*self.prefix, *argv], capture_output=True, timeout=120)
         if res.returncode:
             raise AssertionError(f"{' '.join(argv)}: exit {res.returncode}: "
                                  f"{res.stderr.decode(errors='replace').strip()}")
@@ -249,11 +254,12 @@ log file = {d}/log/client.$pid.log
 
 
 @contextmanager
-def ceph_cluster() -> Iterator[CephCluster]:
+def ceph_cluster(addr: str = "127.0.0.1",
+                 prefix: tuple[str, ...] = ()) -> Iterator[CephCluster]:
     """A fresh cluster in a temporary directory on a real file system (bluestore
     opens its block file with O_DIRECT, which tmpfs refuses), torn down after."""
     base = tempfile.mkdtemp(prefix="memfs-ceph-", dir="/var/tmp")
-    c = CephCluster(base)
+    c = CephCluster(base, addr, prefix)
     try:
         c.bootstrap()
         yield c
