@@ -29,7 +29,9 @@ import subprocess
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWNET = 0x40000000
@@ -132,6 +134,25 @@ class Rig:
         finally:
             os.close(fd)
 
+    def in_ns(self, host: str, fn: Callable[[], T]) -> T:
+        """``fn()`` run in a new thread inside ``host``'s network namespace
+        (sockets it makes live there; threads it starts stay there)."""
+        box: list[Any] = []
+
+        def body() -> None:
+            try:
+                self.enter(host)
+                box.append((True, fn()))
+            except BaseException as e:  # handed back to the caller
+                box.append((False, e))
+        t = threading.Thread(target=body, daemon=True)
+        t.start()
+        t.join()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
     def tx_bytes(self, link: str) -> dict[str, int]:
         """Bytes each end of ``link`` has sent so far (kernel counters)."""
         out = {}
@@ -152,7 +173,8 @@ class DelayRelay:
     ``listen`` in the calling thread's network namespace and connects to
     ``target`` from there.  One thread per direction per connection."""
 
-    def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay: float) -> None:
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int] | str,
+                 delay: float) -> None:
         self.target = target
         self.delay = delay
         self.sock = socket.create_server(listen, reuse_port=False)
@@ -171,7 +193,11 @@ class DelayRelay:
             except OSError:
                 return
             try:
-                b = socket.create_connection(self.target, timeout=10)
+                if isinstance(self.target, str):      # a unix socket path
+                    b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    b.connect(self.target)
+                else:
+                    b = socket.create_connection(self.target, timeout=10)
             except OSError:
                 a.close()
                 continue
@@ -225,3 +251,57 @@ class DelayRelay:
     def close(self) -> None:
         self._stop = True
         self.sock.close()
+
+
+class LinkHop:
+    """A unix socket on this machine whose connections cross a rig link: a
+    client connecting to ``listen`` reaches ``target`` (a unix socket) through
+    a TCP connection made on host ``a`` to a :class:`DelayRelay` on host
+    ``b``.  For programs that speak only through unix sockets (QEMU's
+    migration stream here): their bytes then pay the link's rate, its
+    user-space delay, and show in its counters."""
+
+    def __init__(self, rig: Rig, listen: str, target: str, delay: float = 0.0,
+                 link: str = "migration") -> None:
+        self.rig = rig
+        a, b, _ = LINKS[link]
+        self.a, self.link = a, link
+        self.relay = rig.in_ns(b, lambda: DelayRelay((rig.ip(b, link), 0), target, delay))
+        self.remote = (rig.ip(b, link), self.relay.addr[1])
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(listen)
+        self.sock.listen(4)
+        self.listen = listen
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                out = self.rig.in_ns(self.a, lambda: socket.create_connection(self.remote, 10))
+            except OSError:
+                c.close()
+                continue
+            out.settimeout(None)
+            for x, y in ((c, out), (out, c)):
+                threading.Thread(target=_copy, args=(x, y), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.relay.close()
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while chunk := src.recv(1 << 16):
+            dst.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
