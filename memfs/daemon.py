@@ -6,6 +6,7 @@ Everything acquired goes on one AsyncExitStack so that an error at any step
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -126,6 +127,19 @@ def tune_bdi(dev: str, opts: MountOptions) -> dict[str, int]:
         except OSError as e:
             log.warning("cannot set %s=%s: %s", path, value, e.strerror)
     return applied
+
+
+def dump_stacks_on(sig: int) -> None:
+    """``kill -USR1 PID`` writes every thread's stack to the daemon's log: the
+    way to see where a hung daemon waits (faulthandler, no lock taken)."""
+    for h in logging.getLogger().handlers:
+        stream = getattr(h, "stream", None)
+        try:
+            stream.fileno()  # type: ignore[union-attr]
+        except (AttributeError, OSError, ValueError):
+            continue
+        faulthandler.register(sig, file=stream, all_threads=True, chain=False)
+        return
 
 
 class Daemon:
@@ -315,6 +329,7 @@ class Daemon:
 
     async def run(self, ready: Callable[[], None] = lambda: None) -> None:
         """Mount, call ``ready``, serve until unmounted or signalled."""
+        dump_stacks_on(signal.SIGUSR1)
         async with self._stack:
             self._stack.callback(self.store.close)
             if self.opts.new and self.opts.volume:
