@@ -140,7 +140,10 @@ async def test_restore_once_and_four_clones(guest: GuestImage, saved: Saved,
         assert (saved.dir / (PAGEMAP + ".trace")).exists()
         with trio.fail_after(120):
             assert ensure_mount(snap, str(mnt))
-            assert "prefetch" in (mnt / ".memfs" / "stats.json").read_text()
+            pid = int((mnt / ".memfs" / "pid").read_text())
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            i = args.index(b"--prefetch-trace")   # the first mount's trace goes first
+            assert args[i + 1] == str(saved.dir / (PAGEMAP + ".trace")).encode(), args
             async with restore_clones(snap, str(mnt), 1, str(tmp_path), "again") as (vm,):
                 await check_clone(guest, vm, saved, "again")
     finally:
@@ -284,9 +287,11 @@ async def test_restore_command_line(saved: Saved, tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr
         assert await _serial_line(serial, "readmark", "MARKED") == "MARKED m-snap"
         # a QEMU that is not waiting for a migration is refused in one line
+        t = time.monotonic()
         res = await trio.to_thread.run_sync(lambda: subprocess.run(
             memfs_cmd + ["--qmp", str(run / "ext0.qmp")], capture_output=True, text=True,
             timeout=60))
+        print(f"not incoming: {(time.monotonic() - t) * 1000:.0f} ms: {res.stderr}")
         assert res.returncode == 1 and res.stderr.splitlines() == [
             f"memfs: restore failed: QEMU {run}/ext0.qmp is 'running', not waiting for a "
             "migration (start it with -incoming defer)"], res.stderr
@@ -323,6 +328,7 @@ async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path:
                 # snapshot's): refused before the guest is touched
                 old = tmp_path / "old.vol"
                 old.write_bytes(b"x")
+                t = time.monotonic()
                 res = await trio.to_thread.run_sync(lambda: subprocess.run(
                     [sys.executable, "-m", "memfs.cli", "snapshot", "--qmp", str(extra_qmp),
                      "--ram", f"ram0={ram}", "--volume", str(old), "--out", str(snap)],
@@ -330,6 +336,7 @@ async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path:
                 assert res.returncode == 1 and res.stderr.splitlines() == [
                     f"memfs: snapshot failed: volume {old} exists: a snapshot needs a new "
                     "volume"], res.stderr
+                print(f"volume exists: {(time.monotonic() - t) * 1000:.0f} ms: {res.stderr}")
                 assert not snap.exists()
                 assert (await vm.qmp.execute("query-status"))["status"] == "running"
                 res = await trio.to_thread.run_sync(lambda: subprocess.run(
@@ -343,6 +350,7 @@ async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path:
                 assert (await vm.qmp.execute("query-status"))["status"] == "postmigrate"
                 # a guest saved and left stopped cannot be saved again (QEMU would
                 # refuse the second migration): said before anything is written
+                t = time.monotonic()
                 res = await trio.to_thread.run_sync(lambda: subprocess.run(
                     [sys.executable, "-m", "memfs.cli", "snapshot", "--qmp", str(extra_qmp),
                      "--ram", f"ram0={ram}", "--volume", str(vol), "--out", str(snap)],
@@ -350,6 +358,7 @@ async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path:
                 assert res.returncode == 1 and res.stderr.splitlines() == [
                     "memfs: snapshot failed: the guest is 'postmigrate': it must be "
                     "running or paused"]
+                print(f"postmigrate: {(time.monotonic() - t) * 1000:.0f} ms: {res.stderr}")
             s = open_snapshot(str(snap))
             assert ensure_mount(s, str(mnt))
             async with restore_clones(s, str(mnt), 1, str(tmp_path), "shmclone") as (c,):

@@ -256,8 +256,12 @@ def cmd_restore(a: argparse.Namespace) -> int:
                   "-device vmgenid)", file=sys.stderr)
         mnt = os.path.abspath(a.mount)
         if a.qmp:
-            ensure_mount(snap, mnt, trace=not a.no_trace)
-            trio.run(_drive, a.qmp, snap.devices)
+            mounted = ensure_mount(snap, mnt, trace=not a.no_trace)
+            try:
+                trio.run(_drive, a.qmp, snap.devices)
+            except BaseException:
+                _undo("", [], mnt if mounted else None)
+                raise
             return 0
         run_dir = os.path.abspath(a.run_dir or os.path.join(snap.dir, "run"))
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
