@@ -287,7 +287,11 @@ def cmd_restore(a: argparse.Namespace) -> int:
         print(json.dumps({"mount": mnt, "seconds": round(time.monotonic() - t0, 3),
                           "clones": clones}, indent=1))
         return 0
-    except (SnapshotError, QMPError, OSError, trio.TooSlowError) as e:
+    except trio.TooSlowError:
+        print("memfs: restore failed: timed out (a QEMU's QMP socket, or loading the device "
+              "state)", file=sys.stderr)
+        return 1
+    except (SnapshotError, QMPError, OSError) as e:
         print(f"memfs: restore failed: {e or type(e).__name__}", file=sys.stderr)
         return 1
 

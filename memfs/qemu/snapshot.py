@@ -144,8 +144,13 @@ async def snapshot(opts: SnapshotOptions, qmp: QMP | None = None) -> SnapshotRep
     if qmp is None:
         if not opts.qmp:
             raise SnapshotError("--qmp is needed")
-        async with QMP.connect(opts.qmp) as q:
-            return await snapshot(opts, q)
+        if not os.path.exists(opts.qmp):
+            raise SnapshotError(f"no QMP socket at {opts.qmp}")
+        try:
+            async with QMP.connect(opts.qmp, timeout=10) as q:
+                return await snapshot(opts, q)
+        except ConnectionRefusedError:
+            raise SnapshotError(f"QMP socket {opts.qmp}: nobody listens") from None
     out = os.path.abspath(opts.out)
     sizes: dict[str, int] = {}
     for name, path in opts.rams:
@@ -291,7 +296,11 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
                            out=a.out, resume=a.resume, timeout=a.timeout)
     try:
         rep = trio.run(snapshot, opts)
-    except (SnapshotError, QMPError, OSError, RuntimeError, trio.TooSlowError) as e:
+    except trio.TooSlowError:
+        print("memfs: snapshot failed: timed out (QEMU's QMP socket or the device state; "
+              "a QMP socket serves one client at a time)", file=sys.stderr)
+        return 1
+    except (SnapshotError, QMPError, OSError, RuntimeError) as e:
         print(f"memfs: snapshot failed: {e or type(e).__name__}", file=sys.stderr)
         return 1
     print(json.dumps(rep.__dict__, indent=1))
