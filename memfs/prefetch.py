@@ -96,6 +96,7 @@ class Prefetcher:
         self.finished_at: float | None = None
 
     async def run(self) -> None:
+        _big_buffers_from_mmap()
         await self.pages.installed.wait()
         pm = self.pages.pagemap
         assert pm is not None
@@ -128,6 +129,7 @@ class Prefetcher:
         else:
             log.error("prefetch: %d pages are still remote (fetch errors); the disk is "
                       "still needed", left)
+        _release_heap()
         self.done.set()
 
     def _batches(self, region: Region) -> Iterator[list[int]]:
@@ -239,6 +241,29 @@ def _push_pages(inode: int, ps: int, pages: list[int], got: dict[int, memoryview
         pyfuse3.notify_store(inode, p * ps, got.get(p, zero))
         n += 1
     return n
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _big_buffers_from_mmap() -> None:
+    """Buffers of 1 MiB and more (batches, their store writes) mapped and
+    unmapped by glibc, so that freeing one gives it back to the host: with
+    glibc's default the threshold grows after the first such free and later
+    batches stay in the heaps of the threads that read them, leaving the
+    daemon's RSS near its peak after completion (measured: +16..90 MiB for
+    a 1 GiB region; with this, +0.3 MiB).  A fixed threshold costs an
+    mmap and page faults per batch: a few % of a 4 MiB read."""
+    fn = getattr(_libc, "mallopt", None)
+    if fn is not None:
+        fn(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _release_heap() -> None:
+    """What the heaps still hold free goes back to the host at the end."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _identity_order(region: Region) -> bool:
