@@ -157,7 +157,9 @@ class Region:
             nz, nl = old.count(PageState.ZERO), old.count(PageState.LOCAL)
             t.zero -= nz
             t.local -= nl
-            if nz + nl < n:
+            if nz + nl == 0 and self.disks.count(self.disks[first], first, end) == n:
+                t.remote[self.disks[first]] -= n  # all remote on one disk: the usual keep
+            elif nz + nl < n:
                 disks = self.disks
                 at = old.find(PageState.REMOTE)
                 while at >= 0:

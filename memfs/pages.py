@@ -288,7 +288,8 @@ class PageServer:
         async with self._locks[region.name]:
             pages = sorted(p for p in got if states[p] == REMOTE)
             writes = []
-            for p0, n in _stretches(pages):
+            spans = _stretches(pages)
+            for p0, n in spans:
                 data = got[p0] if n == 1 else b"".join(got[p] for p in range(p0, p0 + n))
                 writes.append((p0 * ps, data))
             try:
@@ -298,9 +299,9 @@ class PageServer:
             except OSError as e:  # store full: the pages stay remote, served unkept
                 self.stats.add("store_write_errors")
                 log.warning("%s: %d fetched pages not kept: %s", region.name, len(pages), e)
-                pages = []
-            for p in pages:
-                region.set_state(p, LOCAL)
+                return []
+            for p0, n in spans:
+                region.set_states(p0, p0 + n, LOCAL)  # counted per stretch, in C
         return pages
 
     async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray,

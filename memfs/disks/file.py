@@ -65,7 +65,10 @@ class FileDisk(Disk):
         return cls(parsed.uri, fd, size, writable)
 
     def _pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
+        data = os.pread(self._fd, length, offset)  # one buffer, no copy of it
+        if len(data) == length:
+            return data
+        buf = bytearray(length)  # a short read: finish it (or say how short)
         done = pread_into(self._fd, offset, memoryview(buf))
         if done != length:
             raise DiskError(f"{self.uri}: short read at {offset}: {done} of {length} bytes "
