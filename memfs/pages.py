@@ -290,7 +290,7 @@ class PageServer:
             writes = []
             spans = _stretches(pages)
             for p0, n in spans:
-                data = got[p0] if n == 1 else b"".join(got[p] for p in range(p0, p0 + n))
+                data = got[p0] if n == 1 else [got[p] for p in range(p0, p0 + n)]
                 writes.append((p0 * ps, data))
             try:
                 if writes:

@@ -52,6 +52,26 @@ def _reserve_and_write(fd: int, offset: int, data: bytes | memoryview) -> None:
     pwrite_all(fd, offset, data)
 
 
+def _length(data: bytes | memoryview | list[memoryview]) -> int:
+    return sum(len(d) for d in data) if isinstance(data, list) else len(data)
+
+
+_IOV_MAX = 1024
+
+
+def _pwrite_parts(fd: int, offset: int, data: bytes | memoryview | list[memoryview]) -> None:
+    if not isinstance(data, list):
+        pwrite_all(fd, offset, data)
+        return
+    for i in range(0, len(data), _IOV_MAX):
+        parts = data[i:i + _IOV_MAX]
+        want = sum(len(d) for d in parts)
+        done = os.pwritev(fd, parts, offset)
+        if done < want:  # short: the rest one buffer at a time
+            pwrite_all(fd, offset + done, memoryview(b"".join(parts))[done:])
+        offset += want
+
+
 class LocalStore:
     def __init__(self, directory: str | None = None, resume: bool = False) -> None:
         """``resume``: the store files may hold pages of this same mount
@@ -118,19 +138,21 @@ class LocalStore:
         await trio.to_thread.run_sync(_reserve_and_write, self._fd(region), offset, data)
 
     async def write_many(self, region: str,
-                         items: list[tuple[int, bytes | memoryview]]) -> None:
+                         items: list[tuple[int, bytes | memoryview | list[memoryview]]]) -> None:
         """Several writes in one thread hop: a hop costs more than a pwrite.
         A few pages (a demand fault's) are written on the loop, as ``write``
-        does: into the page cache that is microseconds, a hop ~100 µs."""
+        does: into the page cache that is microseconds, a hop ~100 µs.  A
+        list of buffers is one write of their concatenation (pwritev: the
+        fetched pages are not copied into one buffer first)."""
         fd = self._fd(region)
-        if sum(len(d) for _, d in items) <= _INLINE_WRITE:
+        if sum(_length(d) for _, d in items) <= _INLINE_WRITE:
             for offset, data in items:
-                pwrite_all(fd, offset, data)
+                _pwrite_parts(fd, offset, data)
             return
 
         def work() -> None:
             for offset, data in items:
-                pwrite_all(fd, offset, data)
+                _pwrite_parts(fd, offset, data)
         await trio.to_thread.run_sync(work)
 
     async def read(self, region: str, offset: int, length: int) -> bytes:
