@@ -108,8 +108,7 @@ class Rig:
     def close(self) -> None:
         if not self.up:
             return
-        for h in HOSTS:
-            subprocess.run(["ip", "netns", "pids", self.ns(h)], capture_output=True)
+        for h in HOSTS:   # the veth pairs go with their namespaces
             subprocess.run(["ip", "netns", "del", self.ns(h)], capture_output=True)
         self.up = False
 
