@@ -109,10 +109,12 @@ FAIL_WINDOW = 2.0
 class _Flight:
     """Pages one fetch is reading; the others that want them wait on ``done``."""
 
-    __slots__ = ("prefetch", "done", "got", "reason", "finished")
+    __slots__ = ("prefetch", "urgent", "done", "got", "reason", "finished")
 
     def __init__(self, prefetch: bool) -> None:
         self.prefetch = prefetch
+        #: a demand fetch waits for it: its reads go at demand priority
+        self.urgent = not prefetch
         self.done = trio.Event()
         self.got: dict[int, memoryview] = {}
         self.reason = "cancelled"
@@ -211,6 +213,13 @@ class Fetcher:
                 joined.setdefault(f, []).append(p)
         if good:
             self.stats.add("pages_held_hits", len(good))
+        if not prefetch and any(not f.urgent for f in joined):
+            # a demand READ waits for a prefetch: it must not wait behind
+            # every other demand READ as the prefetch would
+            for f in joined:
+                f.urgent = True
+            async with self._demand_idle:
+                self._demand_idle.notify_all()
         failed: list[int] = []
         reason = ""
         partial_err: FetchError | None = None
@@ -220,7 +229,7 @@ class Fetcher:
                 flights[p] = flight
             try:
                 try:
-                    got = await self._fetch_own(region, mine, prefetch=prefetch)
+                    got = await self._fetch_own(region, mine, prefetch=prefetch, flight=flight)
                 except FetchError as e:
                     got = getattr(e, "partial", {})
                     partial_err = e
@@ -264,7 +273,8 @@ class Fetcher:
         return good
 
     async def _fetch_own(self, region: Region, pages: Sequence[int], *,
-                         prefetch: bool = False) -> dict[int, memoryview]:
+                         prefetch: bool = False,
+                         flight: _Flight | None = None) -> dict[int, memoryview]:
         """Read and verify ``pages`` from the disk.
 
         All or nothing: raises FetchError naming the pages that failed after
@@ -297,7 +307,7 @@ class Fetcher:
         reasons: list[str] = []
 
         async def one(run: Run) -> None:
-            bad, reason = await self._fetch_run(region, run, prefetch, good)
+            bad, reason = await self._fetch_run(region, run, prefetch, good, flight)
             if bad:
                 failed.extend(bad)
                 reasons.append(reason)
@@ -324,7 +334,8 @@ class Fetcher:
             limit = min(limit, d.max_request)
         return max(limit, region.page_size)
 
-    async def _read(self, run: Run, prefetch: bool, deadline: float) -> bytes:
+    async def _read(self, run: Run, prefetch: bool, deadline: float,
+                    flight: _Flight | None = None) -> bytes:
         """The bytes of ``run``; DiskError if they are not there by ``deadline``.
 
         The wait for a slot counts against the deadline; the disk enforces
@@ -333,7 +344,7 @@ class Fetcher:
         disk = self.disks[run.disk]
         got_slot = False
         with trio.move_on_at(deadline):
-            await self._acquire(prefetch)
+            await self._acquire(prefetch, flight)
             got_slot = True
         if not got_slot:
             raise DiskError(f"{disk.uri}: read of {run.length} bytes at {run.offset} found "
@@ -344,11 +355,11 @@ class Fetcher:
         finally:
             self._slots.release()
 
-    async def _acquire(self, prefetch: bool) -> None:
-        """A slot; demand reads first."""
+    async def _acquire(self, prefetch: bool, flight: _Flight | None = None) -> None:
+        """A slot; demand reads first (and a prefetch a demand read waits for)."""
         if prefetch:
             async with self._demand_idle:
-                while self._demand_waiting:
+                while self._demand_waiting and not (flight is not None and flight.urgent):
                     await self._demand_idle.wait()
             await self._slots.acquire()
             return
@@ -363,7 +374,8 @@ class Fetcher:
                         self._demand_idle.notify_all()
 
     async def _fetch_run(self, region: Region, run: Run, prefetch: bool,
-                         good: dict[int, memoryview]) -> tuple[list[int], str]:
+                         good: dict[int, memoryview],
+                         flight: _Flight | None = None) -> tuple[list[int], str]:
         """Fetch one run into ``good``; return the pages that never verified."""
         ps = region.page_size
         sums = region.checksums
@@ -385,7 +397,7 @@ class Fetcher:
             for r in todo:
                 self.stats.add("fetch_requests")
                 try:
-                    data = await self._read(r, prefetch, deadline)
+                    data = await self._read(r, prefetch, deadline, flight)
                 except DiskError as e:
                     self.stats.add("fetch_errors")
                     reason = str(e)

@@ -278,7 +278,7 @@ def _random_reads(path: str, size: int, seed: int) -> bytes:
 
 
 @pytest.mark.mount
-@pytest.mark.parametrize("extra", [("--no-prefetch",), ("--prefetch-rate", "2M")],
+@pytest.mark.parametrize("extra", [("--no-prefetch",), ()],
                          ids=["demand-only", "demand-and-prefetch"])
 @pytest.mark.usefixtures("needs_fuse")
 def test_every_remote_page_is_fetched_once_through_a_mount(tmp_path, extra) -> None:
@@ -304,3 +304,32 @@ def test_every_remote_page_is_fetched_once_through_a_mount(tmp_path, extra) -> N
     assert st["pages_fetched"] == remote  # every remote page touched, once
     assert st["pages_fetched_demand"] + st["pages_fetched_prefetch"] == remote
     assert st["bytes_fetched"] - st["bytes_bridged"] == remote * PS
+
+
+async def test_a_prefetch_a_demand_read_waits_for_goes_at_demand_priority(tmp_path) -> None:
+    """Prefetch reads wait while any demand read waits for a slot; once a
+    demand READ joins a prefetch's flight, that flight must not wait behind
+    the other demand reads any more (or the READ would)."""
+    pm, data = make_map()
+    r = pm.region("ram0")
+    disk = GatedDisk(data)
+    fetcher = Fetcher([disk], Stats(), slots=1, max_gap=0)
+    got: dict[str, bytes] = {}
+
+    async def fetch(tag: str, page: int, prefetch: bool) -> None:
+        got[tag] = bytes((await fetcher.fetch(r, [page], prefetch=prefetch))[page])
+
+    async with trio.open_nursery() as n:
+        n.start_soon(fetch, "a", 1, False)   # holds the one slot
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(fetch, "b", 2, False)   # a demand read waiting for the slot
+        n.start_soon(fetch, "p", 3, True)    # a prefetch: waits until no demand waits
+        await trio.testing.wait_all_tasks_blocked()
+        assert fetcher._slots.statistics().tasks_waiting == 1  # b only
+        n.start_soon(fetch, "c", 3, False)   # a demand READ joins the prefetch
+        await trio.testing.wait_all_tasks_blocked()
+        assert fetcher._slots.statistics().tasks_waiting == 2  # b, then p
+        assert disk.reads == [(PS, PS)]
+        disk.open()
+    assert disk.reads == [(PS, PS), (2 * PS, PS), (3 * PS, PS)]
+    assert got == {"a": content(1), "b": content(2), "p": content(3), "c": content(3)}
