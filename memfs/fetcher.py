@@ -148,6 +148,7 @@ class Fetcher:
         self._slots = trio.CapacityLimiter(slots)
         self._demand_waiting = 0
         self._demand_idle = trio.Condition()
+        self._parked = 0  # prefetch reads waiting on _demand_idle
         self._failures: list[_Failure] = []
         #: region -> page -> the fetch reading it now
         self._flights: dict[str, dict[int, _Flight]] = {}
@@ -187,13 +188,15 @@ class Fetcher:
         return len(self._flights.get(region.name, ()))
 
     async def fetch(self, region: Region, pages: Sequence[int], *,
-                    prefetch: bool = False) -> dict[int, memoryview]:
+                    prefetch: bool = False,
+                    own: set[int] | None = None) -> dict[int, memoryview]:
         """Read and verify ``pages``: page index -> its verified bytes.
 
         Pages in flight in another fetch are waited for, not read again;
         pages fetched but not yet settled are answered from their bytes.
         Errors as ``_fetch_own``; the pages a joined fetch failed are failed
         here too (with its reason), unless it was a prefetch or cancelled.
+        ``own`` receives the pages this call read from the disk itself.
         """
         name = region.name
         flights = self._flights.setdefault(name, {})
@@ -236,6 +239,8 @@ class Fetcher:
                     flight.reason = e.reason
                 flight.got = got
                 flight.finished = True
+                if own is not None:
+                    own.update(got)
                 good.update(got)
                 held.update(got)
             finally:
@@ -342,10 +347,11 @@ class Fetcher:
         it on the read itself (a file disk's pread cannot be abandoned).
         """
         disk = self.disks[run.disk]
-        got_slot = False
-        with trio.move_on_at(deadline):
-            await self._acquire(prefetch, flight)
-            got_slot = True
+        got_slot = self._try_acquire(prefetch)  # the usual case: no cancel scope, no wait
+        if not got_slot:
+            with trio.move_on_at(deadline):
+                await self._acquire(prefetch, flight)
+                got_slot = True
         if not got_slot:
             raise DiskError(f"{disk.uri}: read of {run.length} bytes at {run.offset} found "
                             "no free slot before its deadline")
@@ -355,12 +361,26 @@ class Fetcher:
         finally:
             self._slots.release()
 
+    def _try_acquire(self, prefetch: bool) -> bool:
+        """A free slot at once (none is waited for), if priority allows."""
+        if prefetch and self._demand_waiting:
+            return False
+        try:
+            self._slots.acquire_nowait()  # fair: fails while anyone waits
+        except trio.WouldBlock:
+            return False
+        return True
+
     async def _acquire(self, prefetch: bool, flight: _Flight | None = None) -> None:
         """A slot; demand reads first (and a prefetch a demand read waits for)."""
         if prefetch:
             async with self._demand_idle:
-                while self._demand_waiting and not (flight is not None and flight.urgent):
-                    await self._demand_idle.wait()
+                self._parked += 1
+                try:
+                    while self._demand_waiting and not (flight is not None and flight.urgent):
+                        await self._demand_idle.wait()
+                finally:
+                    self._parked -= 1
             await self._slots.acquire()
             return
         self._demand_waiting += 1
@@ -368,7 +388,7 @@ class Fetcher:
             await self._slots.acquire()
         finally:
             self._demand_waiting -= 1
-            if not self._demand_waiting:
+            if not self._demand_waiting and self._parked:
                 with trio.CancelScope(shield=True):  # a cancelled demand still wakes them
                     async with self._demand_idle:
                         self._demand_idle.notify_all()

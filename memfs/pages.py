@@ -241,8 +241,9 @@ class PageServer:
         lock, so a write that comes first still wins."""
         assert self.fetcher is not None
         ps = region.page_size
+        own: set[int] = set()
         try:
-            got = await self.fetcher.fetch(region, pages)
+            got = await self.fetcher.fetch(region, pages, own=own)
         except FetchError as e:
             self.stats.add("read_errors")
             # verified neighbours are still worth keeping for the next READ
@@ -251,7 +252,11 @@ class PageServer:
         for p, data in got.items():
             at = (p - first) * ps
             buf[at:at + ps] = data
-        if defer and self.background is not None and self._deferred < 64:
+        # Pages another fetch brought (joined, or fetched and not yet stored)
+        # are kept here and now, behind that fetch's own store write: a READ
+        # answers once its pages are stored, as when it fetched them itself.
+        if defer and len(own) == len(got) and self.background is not None \
+                and self._deferred < 64:
             self._deferred += 1
             self.background.start_soon(self._keep_later, region, got)
             states = region.states

@@ -149,19 +149,25 @@ async def test_a_page_fetched_but_not_yet_stored_is_answered_from_its_bytes(tmp_
     disk.gated = False
     store.gate = trio.Event()  # the deferred store write does not land
     r = pm.region("ram0")
+    out: list[bytes] = []
     async with trio.open_nursery() as bg:
         server.background = bg
         assert await server.read("ram0", 7 * PS, PS) == content(7)
         await trio.testing.wait_all_tasks_blocked()
         assert r.states[7] == PageState.REMOTE  # not stored yet
-        # a READ, the read-ahead and a prefetch all take the fetched bytes
-        assert await server.read("ram0", 6 * PS, 3 * PS) == content(6) + content(7) + content(8)
+        # the prefetcher and a READ take the fetched bytes, not the disk's
         got = await fetcher.fetch(r, [7], prefetch=True)
         assert bytes(got[7]) == content(7)
+        bg.start_soon(lambda: _read(server, 6 * PS, 3 * PS, out))
+        await trio.testing.wait_all_tasks_blocked()
         assert disk.reads[0] == (7 * PS, PS)  # then 6 and 8, side by side
         assert sorted(disk.reads) == [(6 * PS, PS), (7 * PS, PS), (8 * PS, PS)]
         assert stats.counters["pages_held_hits"] == 2
+        # the READ that took page 7 from another fetch answers once it is
+        # stored (as if it had fetched it itself): the store is still shut
+        assert out == []
         store.gate.set()
+    assert out == [content(6) + content(7) + content(8)]
     assert r.states[6:9] == bytes([PageState.LOCAL]) * 3
     assert fetcher._held["ram0"] == {}  # settled: the page state answers now
     assert await server.read("ram0", 7 * PS, PS) == content(7)
