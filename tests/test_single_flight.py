@@ -9,6 +9,7 @@ prefetcher, the demo) is in test_single_flight_mount below.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -305,6 +306,14 @@ def test_every_remote_page_is_fetched_once_through_a_mount(tmp_path, extra) -> N
         st = {k: read_stat(mnt, k) for k in (
             "pages_fetched", "pages_fetched_demand", "pages_fetched_prefetch",
             "bytes_fetched", "bytes_bridged", "pages_remote", "pages_joined")}
+        with open(os.path.join(mnt, ".memfs", "stats.json")) as f:
+            snap = json.load(f)
+    # the gauges (counters moved by each state change) against the page map
+    pmap = PageMap.load(pm).counts()
+    assert snap["pages_total"] == pmap["pages_total"] == snap["pages_served"]
+    assert snap["pages_zero"] == pmap["pages_zero"]
+    assert snap["pages_local"] == pmap["pages_remote"]  # every remote page stored
+    assert snap["pages_on_volume"] + snap["pages_on_disks"] == snap["pages_remote"] == 0
     print(f"remote pages {remote}: {st}")
     assert st["pages_remote"] == 0
     assert st["pages_fetched"] == remote  # every remote page touched, once
