@@ -21,6 +21,7 @@ import trio
 
 from . import __version__, control
 from .capture import capture, parse_ram_args
+from .detach import Ready, run_detached
 from .daemon import Daemon, MountOptions, check_mountpoint
 from .pagemap import PageMap
 from .report import error_line, is_expected, parse_size, render_stats, unwrap
@@ -193,43 +194,16 @@ def _daemonize(opts: MountOptions, a: argparse.Namespace) -> int:
                              "there (give --log FILE)")
         os.chmod(RUN_DIR, 0o700)
     open_log(logfile).close()  # a bad log path is an error here, not a silent daemon death
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            msg = f.read().decode(errors="replace").strip()
-        if msg.startswith("OK"):
-            print(f"memfs: mounted {opts.mountpoint} (pid {msg.split()[1]}, log {logfile})")
-            return 0
-        os.waitpid(pid, 0)
-        print(f"memfs: mount failed: {msg or 'daemon died; see ' + logfile}", file=sys.stderr)
-        return 1
-    # child: detach, log to the file, report readiness through the pipe
-    os.close(r)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    setup_logging(a.debug, logfile)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
 
-    def ready() -> None:
-        os.write(w, f"OK {os.getpid()}\n".encode())
-        os.close(w)
-
-    code = 0
-    try:
-        trio.run(Daemon(opts).run, ready)
-    except BaseException as e:  # report whatever stopped us to the waiting parent
-        log.exception("daemon failed")
-        try:
-            os.write(w, f"{error_line(unwrap(e))}\n".encode())  # one line, not a group
-        except OSError:
-            pass
-        code = 1
-    os._exit(code)
+    def work(ready: Ready) -> int:
+        trio.run(Daemon(opts).run, lambda: ready(str(os.getpid())))
+        return 0
+    ok, msg = run_detached(work, logfile, a.debug)
+    if ok:
+        print(f"memfs: mounted {opts.mountpoint} (pid {msg}, log {logfile})")
+        return 0
+    print(f"memfs: mount failed: {msg or 'daemon died; see ' + logfile}", file=sys.stderr)
+    return 1
 
 
 # -- load / umount / stats ---------------------------------------------------------

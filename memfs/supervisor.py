@@ -529,47 +529,17 @@ def _supervise(a: argparse.Namespace, state: State, resumed: bool,
 
 def _background(sup: Supervisor, logfile: str, debug: bool) -> int:
     """Run the supervisor detached; report the first daemon's start here."""
-    from .cli import setup_logging
+    from .detach import run_detached
     if not os.path.exists(logfile):
         from .fileio import PRIVATE, create_new
         os.close(create_new(logfile, PRIVATE, os.O_WRONLY))
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            msg = f.read().decode(errors="replace").strip()
-        if msg.startswith("OK"):
-            print(f"memfs: mounted {sup.state.mountpoint} (daemon {msg.split()[1]}, "
-                  f"state {sup.state.path}, log {logfile})")
-            return 0
-        print(f"memfs: mount failed: {msg or 'supervisor died; see ' + logfile}",
-              file=sys.stderr)
-        return 1
-    os.close(r)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    setup_logging(debug, logfile)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-
-    def ready(daemon_pid: str) -> None:
-        os.write(w, f"OK {daemon_pid}\n".encode())
-        os.close(w)
-
-    code = 0
-    try:
-        code = sup.run(ready)
-    except BaseException as e:
-        log.exception("supervisor failed")
-        try:
-            os.write(w, f"{e}\n".encode())
-        except OSError:
-            pass
-        code = 1
-    os._exit(code)
+    ok, msg = run_detached(sup.run, logfile, debug)
+    if ok:
+        print(f"memfs: mounted {sup.state.mountpoint} (daemon {msg}, "
+              f"state {sup.state.path}, log {logfile})")
+        return 0
+    print(f"memfs: mount failed: {msg or 'supervisor died; see ' + logfile}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
