@@ -11,6 +11,10 @@
 #   memfs.tick=MS    tick period, 0 = no ticks (default 50)
 #   memfs.sumevery=S print a SUM line every S seconds, 0 = never (default 0)
 #   memfs.pace=MS    sleep between workload iterations (default 20)
+#   memfs.dirty=MiB  opt-in (default 0: off): rewrite MiB MiB of a separate
+#                    tmpfs (/dirty, not in any checksum) in a tight loop at the
+#                    lowest priority, one cat per pass over the whole area, so
+#                    the guest dirties memory faster than a slow link carries
 #
 # Console protocol (a command is one line written to ttyS0):
 #   sum [ID]  -> SUM ID fill=<md5> work=<md5> gen=<G> maxgap=<ms>
@@ -40,7 +44,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 echo 0 > /proc/sys/kernel/printk
 
-fill=64 work=64 tick=50 sumevery=0 pace=20
+fill=64 work=64 tick=50 sumevery=0 pace=20 dirty=0
 for a in $(cat /proc/cmdline); do
     case $a in
         memfs.fill=*) fill=${a#*=} ;;
@@ -48,6 +52,7 @@ for a in $(cat /proc/cmdline); do
         memfs.tick=*) tick=${a#*=} ;;
         memfs.sumevery=*) sumevery=${a#*=} ;;
         memfs.pace=*) pace=${a#*=} ;;
+        memfs.dirty=*) dirty=${a#*=} ;;
     esac
 done
 
@@ -147,9 +152,30 @@ ticker() {
     done
 }
 
+dirtier() {  # memfs.dirty: every pass rewrites all of /dirty/area in place
+    # (1<> opens without truncating: the same guest pages each pass); the two
+    # sources alternate, so every pass changes every page's content
+    a="" b="" k=0
+    while [ $k -lt $dirty ]; do a="$a /run/dirty0"; b="$b /run/dirty1"; k=$((k + 1)); done
+    while :; do
+        cat $a 1<> /dirty/area
+        cat $b 1<> /dirty/area
+    done
+}
+
 workload &
 [ "$tick" -gt 0 ] && ticker &
-echo "READY fill=$fill work=$work tick=$tick"
+if [ "$dirty" -gt 0 ]; then
+    mkdir -p /dirty
+    mount -t tmpfs -o size=$((dirty + 1))m tmpfs /dirty
+    dd if=/run/R2 of=/run/dirty0 bs=1048576 count=1 iflag=skip_bytes skip=12 2>/dev/null
+    dd if=/run/R2 of=/run/dirty1 bs=1048576 count=1 iflag=skip_bytes skip=4100 2>/dev/null
+    dirtier &
+    renice -n 19 -p $! >/dev/null 2>&1
+    echo "READY fill=$fill work=$work tick=$tick dirty=$dirty"
+else
+    echo "READY fill=$fill work=$work tick=$tick"
+fi
 
 while :; do
     while read -r cmd arg; do

@@ -57,10 +57,13 @@ def build_guest(out: str | os.PathLike[str] | None = None) -> GuestImage:
 
 
 def guest_append(fill_mib: int = 64, work_pages: int = 64, tick_ms: int = 50,
-                 sum_every: int = 0, pace_ms: int = 20) -> str:
-    """Kernel command line for the guest."""
-    return (f"console=ttyS0 quiet panic=-1 memfs.fill={fill_mib} memfs.work={work_pages} "
+                 sum_every: int = 0, pace_ms: int = 20, dirty_mib: int = 0) -> str:
+    """Kernel command line for the guest; ``dirty_mib`` > 0 adds the opt-in
+    dirtier (memfs.dirty: rewrites that many MiB outside the checksums in a
+    tight loop), 0 leaves the command line as it always was."""
+    line = (f"console=ttyS0 quiet panic=-1 memfs.fill={fill_mib} memfs.work={work_pages} "
             f"memfs.tick={tick_ms} memfs.sumevery={sum_every} memfs.pace={pace_ms}")
+    return line + (f" memfs.dirty={dirty_mib}" if dirty_mib > 0 else "")
 
 
 def guest_config(image: GuestImage, memory: dict[str, Any], name: str,
