@@ -205,8 +205,14 @@ def test_umount_cleans_up_after_a_killed_daemon(small, tmp_path) -> None:
         assert is_mounted(mnt)
         res, _ = umount(mnt)
         assert (res.returncode, res.stderr) == (0, "")
-        assert res.stdout == (f"memfs: the daemon of {mnt} is gone (its FUSE connection is "
-                              f"closed): detached {mnt}\n")
+        # A daemon killed while its prefetcher had a region file of its own
+        # mount open cannot finish exiting (that close waits for write-back
+        # nobody answers), so its connection may still look open: then umount
+        # aborts it.  Either way one line says what it did, and it is gone.
+        assert re.fullmatch(
+            rf"memfs: the daemon of {re.escape(mnt)} (is gone \(its FUSE connection is "
+            rf"closed\):|does not answer \(not in 5s\): aborted FUSE connection \d+ and) "
+            rf"detached {re.escape(mnt)}\n", res.stdout), res.stdout
         assert not is_mounted(mnt)
 
 
