@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import trio
 
 from . import outputs, volume as vol_id
+from .volume import layout
 from .disks import Disk, DiskError, open_disk, parse_uri
 from .disks.file import FileDisk
 from .fileio import pread_into
@@ -47,7 +48,6 @@ from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState
 log = logging.getLogger("memfs.capture")
 
 CHUNK = 8 << 20
-ALIGN = 1 << 20
 
 
 class CaptureError(Exception):
@@ -88,17 +88,6 @@ class CaptureResult:
         d = asdict(self)
         d.pop("hot")
         return d
-
-
-def layout(sizes: Sequence[int]) -> list[int]:
-    """Identity layout: the volume offset of each region (1 MiB aligned), then
-    the volume's size: the regions and the identity block after them."""
-    offsets, at = [], 0
-    for s in sizes:
-        offsets.append(at)
-        at += (s + ALIGN - 1) // ALIGN * ALIGN
-    offsets.append(vol_id.volume_size(sizes))
-    return offsets
 
 
 def parse_ram_args(rams: Sequence[str]) -> list[tuple[str, str]]:

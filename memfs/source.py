@@ -23,7 +23,7 @@ from .pagemap import PageMap, PageState
 from .pages import PageServer
 from .report import parse_size
 from .stats import Stats
-from .sync import VolumeSync, export, export_delta, volume_layout
+from .sync import VolumeSync, export, export_delta
 from .trace import pack_pages
 
 log = logging.getLogger("memfs.source")
@@ -101,7 +101,7 @@ class Source:
     async def open_volume(self, uri: str) -> Disk:
         """Open (or create) the volume and learn (or write) its identity."""
         sizes = list(self.pages.sizes.values())
-        end = volume_layout(sizes)[-1]
+        end = volumes.layout(sizes)[-1]
         disk = await open_disk(uri, writable=True, create_size=end)
         self._stack.push_async_callback(disk.aclose)
         if disk.size < end:

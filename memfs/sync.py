@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import trio
 
-from . import handover, volume
+from . import handover
+from .volume import layout
 from .disks import Disk
 from .pagemap import ZERO_CHECKSUM, ZERO_PAGE, PageMap, PageState, Region, checksum
 
@@ -48,13 +49,6 @@ log = logging.getLogger("memfs.sync")
 #: pages per run (one store read, one volume write) and per batch of runs
 RUN_PAGES = 256
 BATCH_PAGES = 1024
-
-
-def volume_layout(sizes: list[int]) -> list[int]:
-    """Volume offset of each region, then the volume's size: capture's
-    identity layout, with the volume's identity block after the RAM."""
-    offsets = [volume.ram_end(sizes[:i]) for i in range(len(sizes))]
-    return offsets + [volume.volume_size(sizes)]
 
 
 class VolumeSync:
@@ -75,7 +69,7 @@ class VolumeSync:
         self.rate = rate
         self.paused = False
         names = list(pages.sizes)
-        offs = volume_layout([pages.sizes[n] for n in names])
+        offs = layout([pages.sizes[n] for n in names])
         self.voff = dict(zip(names, offs))
         self.volume_end = offs[-1]
         self.passes = 0

@@ -81,6 +81,13 @@ def volume_size(sizes: Sequence[int]) -> int:
     return ram_end(sizes) + IDENTITY_SIZE
 
 
+def layout(sizes: Sequence[int]) -> list[int]:
+    """Identity layout: the volume offset of each region (1 MiB aligned), then
+    the volume's size: the regions and the identity block after them.  Used
+    by capture and by a mount that copies its pages (memfs.sync) alike."""
+    return [ram_end(sizes[:i]) for i in range(len(sizes))] + [volume_size(sizes)]
+
+
 def encode(ident: str) -> bytes:
     head = _HEAD.pack(MAGIC, VERSION, 0, uuid.UUID(ident).bytes)
     block = head + xxhash.xxh3_64_intdigest(head).to_bytes(8, "little")
