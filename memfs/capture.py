@@ -31,7 +31,7 @@ import time
 from array import array
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import trio
 
@@ -43,7 +43,7 @@ from .fileio import pread_into
 from .outputs import OutputError
 from .trace import pack_pages
 from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState, Region,
-                      checksum, check_region_name)
+                      checksum, check_region_name, runs)
 
 log = logging.getLogger("memfs.capture")
 
@@ -377,17 +377,6 @@ def _load_view(view: str, rams: Sequence[tuple[str, str]], sizes: list[int]) -> 
     return pm
 
 
-def _runs_of(states: bytearray, value: int) -> Iterator[tuple[int, int]]:
-    """(first, end) of each run of pages whose state is ``value``."""
-    mask = states.translate(bytes(int(b == value) for b in range(256)))
-    at = mask.find(1)
-    while at >= 0:
-        end = mask.find(0, at)
-        end = len(mask) if end < 0 else end
-        yield at, end
-        at = mask.find(1, end)
-
-
 def _keep_from_view(region: Region, view_pm: PageMap, pm: PageMap,
                     result: CaptureResult) -> list[tuple[int, int]]:
     """Fill ``region`` from the mount view: remote pages keep their location,
@@ -395,7 +384,7 @@ def _keep_from_view(region: Region, view_pm: PageMap, pm: PageMap,
     vr = view_pm.region(region.name)
     n = region.npages
     disk_map = bytes(pm.disk_index(uri) for uri in view_pm.disks) + bytes(256 - len(view_pm.disks))
-    for a, b in _runs_of(vr.states, PageState.REMOTE):
+    for a, b in runs(vr.states, PageState.REMOTE):
         region.states[a:b] = vr.states[a:b]
         region.disks[a:b] = vr.disks[a:b].translate(disk_map)
         region.offsets[a:b] = vr.offsets[a:b]
@@ -406,12 +395,12 @@ def _keep_from_view(region: Region, view_pm: PageMap, pm: PageMap,
     result.pages_zero += zero
     result.pages_total += kept + zero
     ps = region.page_size
-    runs = []
-    for a, b in _runs_of(vr.states, PageState.LOCAL):
+    ranges = []
+    for a, b in runs(vr.states, PageState.LOCAL):
         for c in range(a * ps, b * ps, CHUNK):
-            runs.append((c, min(b * ps, c + CHUNK) - c))
-    assert sum(k for _, k in runs) // ps + kept + zero == n
-    return runs
+            ranges.append((c, min(b * ps, c + CHUNK) - c))
+    assert sum(k for _, k in ranges) // ps + kept + zero == n
+    return ranges
 
 
 #: read buffers in rotation: one being filled, two in the channel, one being
@@ -518,7 +507,7 @@ def _unchanged_chunk(region: Region, first: int, view: memoryview, old: Region,
     if PageState.LOCAL in states:
         return False
     zeros = 0
-    for a, b in _runs_of(states, PageState.ZERO):
+    for a, b in runs(states, PageState.ZERO):
         zeros += b - a
         if view[a * ps:b * ps].tobytes() != bytes((b - a) * ps):
             return False        # a zero page became a page with the zero checksum

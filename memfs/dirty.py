@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from .pagemap import runs
+
 
 class DirtySet:
     """Per region, a byte per page: 1 while the page is dirty."""
@@ -42,14 +44,9 @@ class DirtySet:
 
     def runs(self, name: str, max_pages: int) -> Iterator[tuple[int, int]]:
         """(first, last) of each run of dirty pages, cut at ``max_pages``."""
-        bits = self.bits[name]
-        at = bits.find(1)
-        while at >= 0:
-            end = bits.find(0, at)
-            end = len(bits) if end < 0 else end
+        for at, end in runs(self.bits[name]):
             for a in range(at, end, max_pages):
                 yield a, min(end, a + max_pages)
-            at = bits.find(1, end)
 
     def snapshot(self, name: str) -> bytes:
         return bytes(self.bits[name])

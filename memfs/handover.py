@@ -21,7 +21,7 @@ from __future__ import annotations
 import uuid
 from array import array
 
-from .pagemap import PAGE_SIZE, PageMap, PageMapError, Region
+from .pagemap import PAGE_SIZE, PageMap, PageMapError, Region, runs
 from .trace import TraceError, pack_pages, unpack_pages
 
 BASE_KEY = "base_id"
@@ -41,7 +41,7 @@ def make_delta(pm: PageMap, changed: dict[str, bytearray], base_id: str) -> Page
     pages_of: dict[str, bytes] = {}
     for r in pm.regions:
         bits = changed.get(r.name)
-        pages = [p for p in _ones(bits)] if bits else []
+        pages = [p for a, b in runs(bits) for p in range(a, b)] if bits else []
         if not pages:
             continue
         d = Region(r.name, len(pages) * PAGE_SIZE, PAGE_SIZE,
@@ -99,13 +99,3 @@ def apply_delta(base: PageMap, delta: PageMap) -> int:
             base.meta[k] = v
     return n
 
-
-def _ones(bits: bytearray) -> list[int]:
-    out: list[int] = []
-    at = bits.find(1)
-    while at >= 0:
-        end = bits.find(0, at)
-        end = len(bits) if end < 0 else end
-        out.extend(range(at, end))
-        at = bits.find(1, end)
-    return out

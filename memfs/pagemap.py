@@ -49,6 +49,19 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_CHECKSUM = xxhash.xxh3_64_intdigest(ZERO_PAGE)
 
 
+def runs(flags: bytes | bytearray, value: int = 1) -> Iterator[tuple[int, int]]:
+    """(first, end) of each run of bytes equal to ``value`` in ``flags`` (a
+    byte per page: states, dirty or served bits), found with bytes.find."""
+    if value != 1 or flags.translate(None, b"\0\1"):
+        flags = flags.translate(bytes(int(b == value) for b in range(256)))
+    at = flags.find(1)
+    while at >= 0:
+        end = flags.find(0, at)
+        end = len(flags) if end < 0 else end
+        yield at, end
+        at = flags.find(1, end)
+
+
 def checksum(data: bytes | memoryview) -> int:
     """The page checksum used everywhere: xxh3-64 of the page bytes."""
     return xxhash.xxh3_64_intdigest(data)

@@ -20,7 +20,7 @@ import trio
 
 from .dirty import DirtySet
 from .fetcher import Fetcher, FetchError, remote_pages
-from .pagemap import PageMap, PageMapError, PageState, Region
+from .pagemap import PageMap, PageMapError, PageState, Region, runs
 from .stats import Stats
 from .store import LocalStore
 from .trace import Trace
@@ -134,12 +134,8 @@ class PageServer:
         for r in self.pagemap.regions:
             states = bytearray(r.states)
             served = self.served[r.name]
-            at = served.find(1)
-            while at >= 0:
-                end = served.find(0, at)
-                end = r.npages if end < 0 else end
+            for at, end in runs(served):
                 states[at:end] = bytes([LOCAL]) * (end - at)
-                at = served.find(1, end)
             out.regions.append(Region(r.name, r.size, r.page_size, states, bytearray(r.disks),
                                       array("Q", r.offsets), array("Q", r.checksums)))
         return out

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import xxhash
 
 from .fileio import PRIVATE, atomic_write, create_new
-from .pagemap import PageMap, PageState, Region
+from .pagemap import PageMap, PageState, Region, runs
 from .store import fallocate
 
 if TYPE_CHECKING:
@@ -339,12 +339,7 @@ class State:
         for i, v in enumerate(k):
             if v:
                 both[i] = 1
-        at = both.find(1)
-        while at >= 0:
-            end = both.find(0, at)
-            end = len(both) if end < 0 else end
-            yield at, end
-            at = both.find(1, end)
+        yield from runs(both)
 
     def restore(self, pages: "PageServer") -> int:
         """Apply the journal to the installed page map; after another daemon
@@ -360,12 +355,8 @@ class State:
                 r.set_states(first, end, LOCAL)  # the gauges' tally follows
                 n += end - first
             w = self.wrote.get(r.name, bytearray())
-            at = w.find(1)
-            while at >= 0 and hasattr(pages, "dirty"):
-                end = w.find(0, at)
-                end = len(w) if end < 0 else end
+            for at, end in runs(w) if hasattr(pages, "dirty") else ():
                 pages.dirty.mark(r.name, at, min(end, r.npages))
-                at = w.find(1, end)
             if served:
                 pages.mark_served(r.name, 0, r.npages)
         log.info("state %s: %d pages local from the journal (%d written by the guest)%s",
