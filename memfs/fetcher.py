@@ -43,11 +43,14 @@ log = logging.getLogger("memfs.fetcher")
 class FetchError(Exception):
     """Some pages could not be read and verified; ``pages`` lists them."""
 
-    def __init__(self, region: str, pages: list[int], reason: str) -> None:
+    def __init__(self, region: str, pages: list[int], reason: str,
+                 partial: dict[int, memoryview] | None = None) -> None:
         super().__init__(f"region {region}: {len(pages)} page(s) failed, first {pages[0]}: {reason}")
         self.region = region
         self.pages = pages
         self.reason = reason
+        #: the pages that did verify: a caller may keep them
+        self.partial: dict[int, memoryview] = partial if partial is not None else {}
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ class Fetcher:
                 try:
                     got = await self._fetch_own(region, mine, prefetch=prefetch, flight=flight)
                 except FetchError as e:
-                    got = getattr(e, "partial", {})
+                    got = e.partial
                     partial_err = e
                     flight.reason = e.reason
                 flight.got = got
@@ -265,16 +268,14 @@ class Fetcher:
                 try:
                     good.update(await self.fetch(region, again, prefetch=prefetch))
                 except FetchError as e:
-                    good.update(getattr(e, "partial", {}))
+                    good.update(e.partial)
                     failed.extend(e.pages)
                     reason = reason or e.reason
         if partial_err is not None or failed:
             if partial_err is not None:
                 failed.extend(partial_err.pages)
                 reason = partial_err.reason
-            err = FetchError(name, sorted(failed), reason)
-            err.partial = good  # type: ignore[attr-defined]
-            raise err
+            raise FetchError(name, sorted(failed), reason, good)
         return good
 
     async def _fetch_own(self, region: Region, pages: Sequence[int], *,
@@ -296,16 +297,14 @@ class Fetcher:
                         partial = await self._fetch_own(region, rest, prefetch=True) \
                             if rest else {}
                     except FetchError as e:
-                        partial = getattr(e, "partial", {})
+                        partial = e.partial
                 else:
                     self.stats.add("reads_failed_fast")
                     log.warning("region %s pages %s failed less than %g s ago; failed again "
                                 "without asking the disk", region.name, _ranges(recent),
                                 self.fail_window)
-                err = FetchError(region.name, recent, f"failed moments ago, not asked again "
-                                 f"for {self.fail_window:g} s: {why}")
-                err.partial = partial  # type: ignore[attr-defined]
-                raise err
+                raise FetchError(region.name, recent, f"failed moments ago, not asked again "
+                                 f"for {self.fail_window:g} s: {why}", partial)
         runs = coalesce(region, pages, self._run_bytes(region), self.max_gap)
         good: dict[int, memoryview] = {}
         failed: list[int] = []
@@ -328,9 +327,7 @@ class Fetcher:
                 self._failures.append(_Failure(region.name, frozenset(failed),
                                                trio.current_time() + self.fail_window,
                                                reasons[0]))
-            err = FetchError(region.name, sorted(failed), reasons[0])
-            err.partial = good  # type: ignore[attr-defined]
-            raise err
+            raise FetchError(region.name, sorted(failed), reasons[0], good)
         return good
 
     def _run_bytes(self, region: Region) -> int:
