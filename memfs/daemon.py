@@ -350,7 +350,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope, name="signals")
                 nursery.start_soon(self._after_init, mp, ready, name="after-init")
-                self.pages.background = nursery
+                await nursery.start(self.pages.run_background, name="deferred-store-writes")
                 self._nursery = nursery
                 if self.opts.volume:
                     nursery.start_soon(self.source.attach_volume, self.opts.volume, nursery,

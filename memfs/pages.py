@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import errno
 import logging
-import threading
 import time
 from array import array
-from typing import Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import trio
 
 from .dirty import DirtySet
 from .fetcher import Fetcher, FetchError, remote_pages
-from .pagemap import PageMap, PageMapError, PageState, Region, runs
+from .pagemap import PageMap, PageMapError, PageState, Region
+from .served import ServedPages
 from .stats import Stats
 from .store import LocalStore
 from .trace import Trace
@@ -68,22 +68,16 @@ class PageServer:
         self.pagemap: PageMap | None = None
         self.fetcher: Fetcher | None = None
         self.installed = trio.Event()
-        self.served: dict[str, bytearray] = {}
-        #: pages marked in ``served``, per region (the gauge, kept as a count)
-        self.served_count: dict[str, int] = {}
-        #: held while a page's served mark is tested and set (the push thread)
-        self.served_lock = threading.Lock()
-        #: region -> page range a prefetch push is writing into the page cache
-        self.pushing: dict[str, tuple[int, int]] = {}
+        #: pages handed to the kernel, and the push in flight (invariant 3)
+        self.served = ServedPages()
         #: first-demand order of pages, for a later mount's prefetch
         self.trace = Trace()
-        #: where deferred store writes run (set by the daemon); None: inline
-        self.background: trio.Nursery | None = None
+        #: where deferred store writes run (``run_background``); None: inline
+        self._background: trio.Nursery | None = None
         self._deferred = 0
         self._locks: dict[str, trio.Lock] = {n: trio.Lock() for n in regions}
         #: pages written since a volume last received them (memfs.sync)
         self.dirty = DirtySet({n: s // 4096 for n, s in regions.items()})
-        self.on_fetched: list[Callable[[Region, list[int]], None]] = []
         #: memfs.state.Journal: told of every page made LOCAL before it counts
         self.journal: PageJournal = NO_JOURNAL
         #: fetched pages the store could not keep (full): served unkept
@@ -106,8 +100,7 @@ class PageServer:
             if r.count(LOCAL):
                 raise PageMapError(f"region {r.name!r} has local pages: they belong to the "
                                    "store of another mount")
-            self.served[r.name] = bytearray(r.npages)
-            self.served_count[r.name] = 0
+            self.served.add_region(r.name, r.npages)
             r.start_tally(len(pagemap.disks))
         self.pagemap = pagemap
         self.fetcher = fetcher
@@ -133,8 +126,7 @@ class PageServer:
             out.meta["volumes"] = self.pagemap.meta["volumes"]
         for r in self.pagemap.regions:
             states = bytearray(r.states)
-            served = self.served[r.name]
-            for at, end in runs(served):
+            for at, end in self.served.runs(r.name):
                 states[at:end] = bytes([LOCAL]) * (end - at)
             out.regions.append(Region(r.name, r.size, r.page_size, states, bytearray(r.disks),
                                       array("Q", r.offsets), array("Q", r.checksums)))
@@ -173,18 +165,24 @@ class PageServer:
             if vol >= 0:
                 on_volume += t.remote[vol]
         out.update(pages_total=total, pages_zero=zero, pages_remote=remote, pages_local=local,
-                   pages_served=sum(self.served_count.values()),
+                   pages_served=self.served.count(),
                    pages_on_volume=on_volume, pages_on_disks=remote - on_volume)
         return out
 
     def mark_served(self, name: str, first: int, end: int) -> None:
-        """Pages [first, end) of ``name`` are served (counted once each)."""
-        served = self.served[name]
-        with self.served_lock:
-            new = served.count(0, first, end)
-            if new:
-                served[first:end] = b"\1" * (end - first)
-                self.served_count[name] += new
+        """Pages [first, end) of ``name`` are served (a resumed mount: all)."""
+        self.served.mark(name, first, end)
+
+    async def run_background(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run deferred store writes until cancelled (the daemon starts this
+        with ``nursery.start``); while it does not run, they run inline."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._background = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._background = None
 
     # -- READ ------------------------------------------------------------------
 
@@ -198,9 +196,8 @@ class PageServer:
         first, last = offset // ps, (end + ps - 1) // ps
         # Served from the moment the READ arrives: the prefetcher must not push
         # these pages any more (DESIGN.md invariant 3).
-        self.mark_served(name, first, last)
-        push = self.pushing.get(name)
-        if push and push[0] < last and first < push[1]:
+        push = self.served.mark(name, first, last)
+        if push is not None:
             self.stats.add("push_races")
             log.warning("READ of %s pages %d..%d while a push of %d..%d is in flight",
                         name, first, last - 1, push[0], push[1] - 1)
@@ -243,7 +240,7 @@ class PageServer:
         except FetchError as e:
             self.stats.add("read_errors")
             # verified neighbours are still worth keeping for the next READ
-            await self.keep(region, getattr(e, "partial", {}))
+            await self.keep(region, e.partial)
             raise PageIOError(errno.EIO, str(e)) from None
         for p, data in got.items():
             at = (p - first) * ps
@@ -251,10 +248,10 @@ class PageServer:
         # Pages another fetch brought (joined, or fetched and not yet stored)
         # are kept here and now, behind that fetch's own store write: a READ
         # answers once its pages are stored, as when it fetched them itself.
-        if defer and len(own) == len(got) and self.background is not None \
+        if defer and len(own) == len(got) and self._background is not None \
                 and self._deferred < 64:
             self._deferred += 1
-            self.background.start_soon(self._keep_later, region, got)
+            self._background.start_soon(self._keep_later, region, got)
             states = region.states
             return [p for p in got if states[p] == REMOTE]
         return await self.keep(region, got)
@@ -274,14 +271,23 @@ class PageServer:
         guest wrote meanwhile is never overwritten (invariant 2).
         """
         try:
-            kept = await self._keep(region, got)
+            return await self._keep(region, got)
         finally:  # kept or not, the page state says from now on
             if self.fetcher is not None:
                 self.fetcher.settled(region, got)
-        if kept:
-            for cb in self.on_fetched:
-                cb(region, kept)
-        return kept
+
+    async def prefetch(self, region: Region, pages: list[int]
+                       ) -> tuple[list[int], dict[int, memoryview]]:
+        """Fetch ``pages`` at prefetch priority and keep them: (the pages kept,
+        every verified page's bytes).  A failure is logged, not raised: the
+        pages that failed stay remote and a READ fetches them again."""
+        assert self.fetcher is not None
+        try:
+            got = await self.fetcher.fetch(region, pages, prefetch=True)
+        except FetchError as e:
+            got = e.partial
+            log.error("prefetch: %s", e)
+        return await self.keep(region, got), got
 
     async def _keep(self, region: Region, got: dict[int, memoryview]) -> list[int]:
         ps = region.page_size

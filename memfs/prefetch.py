@@ -7,11 +7,12 @@ was ever served — pushed into the kernel's page cache with notify_store, so
 that the guest's first touch is a page-cache hit.  When no page is remote the
 disk is no longer needed, and the log says so.
 
-DESIGN.md invariant 3 is kept by three checks, in this order: a page the page
-server has served (or is serving: it marks pages when a READ arrives) is never
-pushed; a page the kernel holds (cachestat(2) on the region file) is not
-pushed either; and a push runs in a worker thread, never on the trio loop,
-because notify_store waits for page locks that a pending READ holds.
+DESIGN.md invariant 3 is kept by the page server's ``served`` set
+(memfs.served): every page is taken from it just before its push, and one a
+READ reached is never pushed.  Here, two more checks: a page the kernel holds
+(cachestat(2) on the region file) is not pushed either; and a push runs in a
+worker thread, never on the trio loop, because notify_store waits for page
+locks that a pending READ holds.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from typing import Callable, Iterator
 
 import trio
 
-from .fetcher import FetchError
 from .pagemap import PageState, Region
 from .pages import PageServer
+from .served import ServedPages
 from .stats import Stats
 from .trace import Trace
 
@@ -78,12 +79,28 @@ class Residency:
         os.close(self.fd)
 
 
+#: pyfuse3.notify_store's signature: (inode, offset, data)
+NotifyStore = Callable[[int, int, bytes | memoryview], None]
+
+
+def _notify_store(inode: int, offset: int, data: bytes | memoryview) -> None:
+    import pyfuse3
+    pyfuse3.notify_store(inode, offset, data)
+
+
 class Prefetcher:
+    """``residency`` and ``notify_store`` reach the kernel; tests without a
+    mount pass their own."""
+
     def __init__(self, pages: PageServer, stats: Stats, *, mountpoint: str | None,
                  inode_of: Callable[[str], int], push: bool = True,
                  rate: float | None = None, batch: int = 4 << 20, depth: int = 3,
-                 trace: Trace | None = None) -> None:
+                 trace: Trace | None = None,
+                 residency: Callable[[str], Residency] = Residency,
+                 notify_store: NotifyStore = _notify_store) -> None:
         self.pages = pages
+        self.residency = residency
+        self.notify_store = notify_store
         self.stats = stats
         self.mountpoint = mountpoint
         self.inode_of = inode_of
@@ -108,7 +125,7 @@ class Prefetcher:
             if self.push:
                 path = os.path.join(self.mountpoint or "", region.name)
                 try:
-                    res = await trio.to_thread.run_sync(Residency, path)
+                    res = await trio.to_thread.run_sync(self.residency, path)
                 except OSError as e:
                     log.warning("prefetch: no residency check for %s (%s): not pushing",
                                 region.name, e)
@@ -166,18 +183,11 @@ class Prefetcher:
     async def _batch(self, region: Region, res: Residency | None, chunk: list[int],
                      slots: trio.Semaphore) -> None:
         try:
-            fetcher = self.pages.fetcher
-            assert fetcher is not None
             chunk = [p for p in chunk if region.states[p] == REMOTE]  # demand may have won
             if not chunk:
                 return
             t = time.monotonic()
-            try:
-                got = await fetcher.fetch(region, chunk, prefetch=True)
-            except FetchError as e:
-                got = getattr(e, "partial", {})
-                log.error("prefetch: %s", e)
-            kept = await self.pages.keep(region, got)
+            kept, got = await self.pages.prefetch(region, chunk)
             self.stats.add("pages_prefetched", len(kept))
             if res is not None and kept:
                 await self._push(region, res, kept, got)
@@ -195,50 +205,42 @@ class Prefetcher:
         Page by page, each checked just before its push: notify_store
         overwrites whatever the page cache holds, so a page that a READ
         reached (served) or that the kernel allocated for a read (cached) is
-        skipped.  What remains is the microseconds between that check and
-        the kernel's lookup inside notify_store; a READ landing there is
-        counted as a push race and logged.
+        skipped (memfs.served says what remains of the race).
         """
-        ps = region.page_size
-        served = self.pages.served[region.name]
+        name = region.name
+        served = self.pages.served
         states = region.states
         lo, hi = kept[0], kept[-1] + 1
-        todo = [p for p in range(lo, hi) if not served[p]
+        todo = [p for p in range(lo, hi) if not served.is_served(name, p)
                 and (p in got and states[p] == LOCAL or states[p] == ZERO)]
         if not todo:
             return
-        inode = self.inode_of(region.name)
-        self.pages.pushing[region.name] = (lo, hi)
-        try:
-            n = await trio.to_thread.run_sync(_push_pages, inode, ps, todo, got, self.pages,
-                                              region.name, res)
-            self.stats.add("pages_pushed", n)
-        except OSError as e:
-            self.stats.add("push_errors")
-            log.warning("prefetch: notify_store failed for %s: %s", region.name, e)
-        finally:
-            self.pages.pushing.pop(region.name, None)
+        inode = self.inode_of(name)
+        with served.pushing(name, lo, hi):
+            try:
+                n = await trio.to_thread.run_sync(
+                    _push_pages, self.notify_store, inode, region.page_size, todo, got,
+                    served, name, res)
+                self.stats.add("pages_pushed", n)
+            except OSError as e:
+                self.stats.add("push_errors")
+                log.warning("prefetch: notify_store failed for %s: %s", name, e)
 
 
-def _push_pages(inode: int, ps: int, pages: list[int], got: dict[int, memoryview],
-                server: PageServer, name: str, res: Residency) -> int:
+def _push_pages(notify_store: NotifyStore, inode: int, ps: int, pages: list[int],
+                got: dict[int, memoryview], served: ServedPages, name: str,
+                res: Residency) -> int:
     """Runs in a worker thread: notify_store may wait for a page lock that a
-    READ holds, and that READ needs the trio loop.  The served mark is tested
-    and set under the page server's lock, never held across notify_store."""
-    import pyfuse3
+    READ holds, and that READ needs the trio loop.  A page is taken from
+    ``served`` (tested and set under its lock) just before its push."""
     zero = bytes(ps)
-    served = server.served[name]
-    lock = server.served_lock
     n = 0
     for p in pages:
-        if served[p] or res.cached(p * ps, ps):
+        if served.is_served(name, p) or res.cached(p * ps, ps):
             continue
-        with lock:  # a push serves: never pushed twice, read by an onward capture
-            if served[p]:
-                continue
-            served[p] = 1
-            server.served_count[name] += 1
-        pyfuse3.notify_store(inode, p * ps, got.get(p, zero))
+        if not served.take_for_push(name, p):  # a READ came first
+            continue
+        notify_store(inode, p * ps, got.get(p, zero))
         n += 1
     return n
 

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from fakes import deferred_writes
 from memfs.capture import capture
 from memfs.disks import open_disk
 from memfs.fetcher import Fetcher, coalesce
@@ -201,8 +202,7 @@ async def test_a_demand_fault_costs_at_most_one_thread_hop(tmp_path, ram, monkey
         finally:
             os.close(fd)
 
-    async with trio.open_nursery() as bg:
-        server.background = bg
+    async with deferred_writes(server):
         per_fault = []
         for p in remote[10:40:3]:
             evict()
@@ -221,5 +221,4 @@ async def test_a_demand_fault_costs_at_most_one_thread_hop(tmp_path, ram, monkey
             await trio.testing.wait_all_tasks_blocked()
             cached.append(len(hops))
         assert cached == [0] * len(cached)
-        server.background = None
     print(f"hops per cold fault {per_fault}, per fault with the volume cached {cached}")

@@ -17,84 +17,11 @@ import pytest
 import trio
 import trio.testing
 
-from memfs.disks.base import Disk, DiskError
+from fakes import NPAGES, PS, GatedDisk, content, deferred_writes, make_map, setup
 from memfs.fetcher import Fetcher, FetchError
-from memfs.pagemap import PageMap, PageState, Region, checksum
+from memfs.pagemap import PageMap, PageState
 from memfs.pages import PageServer
 from memfs.stats import Stats
-from memfs.store import LocalStore
-
-PS = 4096
-NPAGES = 64
-
-
-def content(p: int) -> bytes:
-    return bytes([(p * 7 + 1) & 0xFF]) * PS
-
-
-class GatedDisk(Disk):
-    """Reads wait for ``open()``; every read is logged as (offset, length)."""
-
-    def __init__(self, data: bytes, gated: bool = True) -> None:
-        self.uri = "gated://test"
-        self.size = len(data)
-        self.data = data
-        self.reads: list[tuple[int, int]] = []
-        self.gated = gated
-        self.gate = trio.Event()
-        self.fail_next = 0
-
-    def open(self) -> None:
-        self.gate.set()
-
-    def close_gate(self) -> None:
-        self.gate = trio.Event()
-
-    async def read(self, offset: int, length: int, *, deadline: float | None = None) -> bytes:
-        self.reads.append((offset, length))
-        if self.gated:
-            await self.gate.wait()
-        if self.fail_next:
-            self.fail_next -= 1
-            raise DiskError(f"{self.uri}: read of {length} bytes at {offset} failed")
-        return self.data[offset:offset + length]
-
-    async def aclose(self) -> None:
-        pass
-
-
-class GatedStore(LocalStore):
-    """A real store whose batched writes (fetched pages) wait for ``gate``."""
-
-    def __init__(self, directory: str) -> None:
-        super().__init__(directory)
-        self.gate = trio.Event()
-        self.gate.set()
-
-    async def write_many(self, region, items) -> None:  # type: ignore[override]
-        await self.gate.wait()
-        await super().write_many(region, items)
-
-
-def make_map() -> tuple[PageMap, bytes]:
-    """Every page remote at the identity offset, except page 0 (zero)."""
-    data = b"".join(content(p) for p in range(NPAGES))
-    r = Region.empty("ram0", NPAGES * PS)
-    for p in range(1, NPAGES):
-        r.set_remote(p, 0, p * PS, checksum(content(p)))
-    return PageMap(disks=["gated://test"], regions=[r]), data
-
-
-def setup(tmp_path, *, retries: int = 3) -> tuple[PageServer, Fetcher, GatedDisk, Stats,
-                                                   GatedStore, PageMap]:
-    pm, data = make_map()
-    disk = GatedDisk(data)
-    stats = Stats()
-    store = GatedStore(str(tmp_path / "store"))
-    server = PageServer({"ram0": NPAGES * PS}, store, stats)
-    fetcher = Fetcher([disk], stats, retries=retries, retry_delay=0.001, max_gap=0)
-    server.install(pm, fetcher)
-    return server, fetcher, disk, stats, store, pm
 
 
 async def test_two_demand_reads_of_a_page_read_the_disk_once(tmp_path) -> None:
@@ -151,8 +78,7 @@ async def test_a_page_fetched_but_not_yet_stored_is_answered_from_its_bytes(tmp_
     store.gate = trio.Event()  # the deferred store write does not land
     r = pm.region("ram0")
     out: list[bytes] = []
-    async with trio.open_nursery() as bg:
-        server.background = bg
+    async with deferred_writes(server), trio.open_nursery() as bg:
         assert await server.read("ram0", 7 * PS, PS) == content(7)
         await trio.testing.wait_all_tasks_blocked()
         assert r.states[7] == PageState.REMOTE  # not stored yet

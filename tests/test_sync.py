@@ -1,8 +1,9 @@
 """The background copy of a source mount (memfs.sync) without a kernel: a
 WRITE that races a copy is never lost, a base + delta equals a flush.
 
-Deterministic: the volume is an in-memory disk whose writes wait at a gate
-the test opens, and ``wait_all_tasks_blocked`` says when the copy sits there.
+Deterministic: the volume is an in-memory disk (tests/fakes.py) whose writes
+wait at a gate the test opens, and ``wait_all_tasks_blocked`` says when the
+copy sits there.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import trio
 import trio.testing
 import xxhash
 
-from memfs.disks import Disk
+from fakes import GatedDisk
 from memfs.handover import apply_delta, mark_base
 from memfs.pagemap import ZERO_CHECKSUM, PageMap, PageState, Region
 from memfs.pages import PageServer
@@ -27,29 +28,6 @@ PS = 4096
 N = 64
 
 
-class GatedDisk(Disk):
-    """An in-memory volume; ``gate`` closed: writes wait until it opens."""
-
-    def __init__(self, size: int) -> None:
-        self.uri = "mem://vol"
-        self.size = size
-        self.data = bytearray(size)
-        self.gate = trio.Event()
-        self.gate.set()
-        self.writes = 0
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.data[offset:offset + length])
-
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
-        await self.gate.wait()
-        self.data[offset:offset + len(data)] = data
-        self.writes += 1
-
-    async def aclose(self) -> None:
-        pass
-
-
 def page(seed: int) -> bytes:
     return random.Random(seed).randbytes(PS)
 
@@ -58,7 +36,7 @@ def page(seed: int) -> bytes:
 def source(tmp_path):
     store = LocalStore(str(tmp_path / "store"))
     pages = PageServer({"ram0": N * PS}, store, Stats())
-    vol = GatedDisk(N * PS + PS)
+    vol = GatedDisk(N * PS + PS, gated=False, uri="mem://vol")
     pm = PageMap(disks=[vol.uri], regions=[Region.empty("ram0", N * PS)])
     pages.install(pm, None)  # type: ignore[arg-type]  # no remote page: no fetcher
 
@@ -76,14 +54,14 @@ def volume_page(vol: GatedDisk, r: Region, p: int) -> bytes:
 async def test_write_racing_a_copy_is_copied_again(source) -> None:
     pages, sync, vol = source
     await pages.write("ram0", 5 * PS, page(1))
-    vol.gate = trio.Event()                      # the copy will wait in its volume write
+    vol.write_gate = trio.Event()                # the copy will wait in its volume write
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sync.copy_dirty)
         await trio.testing.wait_all_tasks_blocked()
         assert pages.dirty.count == 0            # cleared before the store was read
         await pages.write("ram0", 5 * PS, page(2))   # the guest writes again meanwhile
         assert pages.dirty.count == 1
-        vol.gate.set()
+        vol.write_gate.set()
     r = pages.pagemap.region("ram0")
     assert pages.dirty.is_dirty("ram0", 5)       # the racing WRITE is still to be copied
     with pytest.raises(ValueError, match="still dirty"):
