@@ -26,17 +26,17 @@ import functools
 import logging
 import os
 import stat
-import sys
 import time
 from array import array
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import trio
 
 from . import outputs, volume as vol_id
 from .volume import layout
+from .capture_types import CaptureError, CaptureResult, Referencer, parse_ram_args
+from .progress import Progress
 from .disks import Disk, DiskError, open_disk, parse_uri
 from .disks.file import FileDisk
 from .fileio import pread_into
@@ -45,85 +45,14 @@ from .trace import pack_pages
 from .pagemap import (PAGE_SIZE, ZERO_CHECKSUM, PageMap, PageMapError, PageState, Region,
                       checksum, check_region_name, runs)
 
+#: CaptureError, CaptureResult, Referencer and parse_ram_args live in
+#: memfs.capture_types (the disk referencer names them without capture)
+__all__ = ["CHUNK", "CaptureError", "CaptureResult", "Referencer", "capture", "layout",
+           "parse_ram_args"]
+
 log = logging.getLogger("memfs.capture")
 
 CHUNK = 8 << 20
-
-
-class CaptureError(Exception):
-    """Capture could not run; the message says why."""
-
-
-class Referencer(Protocol):
-    """Finds a page's content on a disk the page map may refer to (issue 6)."""
-
-    disk_uri: str
-
-    async def find(self, csum: int, page: bytes) -> int | None:
-        """Byte offset on ``disk_uri`` holding exactly ``page``, or None."""
-
-
-@dataclass
-class CaptureResult:
-    pages_total: int = 0
-    pages_zero: int = 0
-    pages_written: int = 0
-    pages_unchanged: int = 0
-    pages_referenced: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    volume: str = ""
-    pagemap: str = ""
-    regions: dict[str, int] = field(default_factory=dict)
-    #: pages written by this pass that a base pass had with other content
-    hot_pages: int = 0
-    #: region -> pages rewritten since the base pass (the prefetcher takes them first)
-    hot: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    #: pages not read: still remote in the mount view, they keep their location
-    pages_kept: int = 0
-    #: pages read from the RAM files
-    pages_read: int = 0
-
-    def as_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d.pop("hot")
-        return d
-
-
-def parse_ram_args(rams: Sequence[str]) -> list[tuple[str, str]]:
-    """``[NAME=]PATH`` arguments -> (region name, path); names default to ramN."""
-    out = []
-    for i, arg in enumerate(rams):
-        name, sep, path = arg.partition("=")
-        if not sep or "/" in name:
-            name, path = f"ram{i}", arg
-        out.append((name, path))
-    return out
-
-
-class Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
-
-    def __init__(self, total: int, enabled: bool | None = None) -> None:
-        self.total = max(total, 1)
-        self.done = 0
-        self.t0 = time.monotonic()
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._last = 0.0
-
-    def update(self, n: int, label: str) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.2 and self.done < self.total):
-            return
-        self._last = now
-        frac = self.done / self.total
-        rate = self.done / max(now - self.t0, 1e-6) / (1 << 20)
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r{label:<10} [{bar:<30}] {frac:6.1%} {rate:8.1f} MiB/s")
-        if self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 async def capture(rams: Sequence[tuple[str, str]], volume_uri: str, out: str, *,

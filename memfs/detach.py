@@ -41,7 +41,7 @@ def run_detached(work: Callable[[Ready], int], logfile: str, debug: bool) -> tup
     os.setsid()
     if os.fork():
         os._exit(0)
-    from .cli import setup_logging
+    from .logs import setup_logging
     setup_logging(debug, logfile)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):

@@ -521,7 +521,7 @@ def _supervise(a: argparse.Namespace, state: State, resumed: bool,
     sup = Supervisor(state, fuse_fd, init_msg, resumed=resumed, log_path=logfile,
                      debug=a.debug)
     if a.foreground:
-        from .cli import setup_logging
+        from .logs import setup_logging
         setup_logging(a.debug, logfile)
         return sup.run(lambda pid: log.info("serving %s (daemon %s)", mp, pid))
     return _background(sup, logfile or "", a.debug)
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
-    from .cli import setup_logging
+    from .logs import setup_logging
     setup_logging(a.debug, a.log)
     return serve_child(a.state, a.fuse_fd, a.chan)
 

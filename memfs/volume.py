@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import xxhash
 
 from .disks import Disk, DiskError
-from .pagemap import PageMap, PageMapError
+from .pagemap import PageMap, PageMapError, PageState
 
 MAGIC = b"MEMFSVOL"
 VERSION = 1
@@ -175,3 +175,23 @@ async def check_pagemap(pm: PageMap, disks: Sequence[Disk]) -> None:
     for uri, (ident, at) in recorded(pm.meta).items():
         if uri in pm.disks:
             await check_identity(disks[pm.disks.index(uri)], ident, at)
+
+
+# -- accounting ----------------------------------------------------------------------
+
+def remote_split(pm: PageMap) -> dict[str, int]:
+    """Remote pages on the migration volume (pm.meta['volume']; else the first
+    disk, where capture puts it) vs on other disks."""
+    volume = pm.meta.get("volume") if isinstance(pm.meta, dict) else None
+    vol = pm.disks.index(volume) if volume in pm.disks else (0 if pm.disks else -1)
+    remote = on_volume = 0
+    is_remote = bytes(int(i == PageState.REMOTE) for i in range(256))
+    is_vol = bytes(int(i == vol) for i in range(256))
+    for r in pm.regions:
+        a = r.states.translate(is_remote)
+        remote += a.count(1)
+        if vol >= 0:
+            both = int.from_bytes(a, "little") & int.from_bytes(r.disks.translate(is_vol),
+                                                                "little")
+            on_volume += both.bit_count()
+    return {"pages_on_volume": on_volume, "pages_on_disks": remote - on_volume}

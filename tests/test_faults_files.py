@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memfs import fileio, msgfile
-from memfs.index import DiskIndex, DiskIndexError
+from memfs.index.format import DiskIndex, DiskIndexError
 from memfs.pagemap import PageMap, PageMapError, PageState, Region
 from memfs.trace import Trace, TraceError
 from memfs.volume import IDENTITY_SIZE, decode, identity_offset
@@ -146,7 +146,7 @@ VALUES = st.recursive(
 def test_fuzz_documents_in_a_valid_envelope(fmt: str, doc) -> None:
     """A crafted file with a correct checksum still meets the field checks."""
     loads, error, _ = FORMATS[fmt]
-    f = {"pagemap": "memfs.pagemap", "index": "memfs.index", "trace": "memfs.trace"}[fmt]
+    f = {"pagemap": "memfs.pagemap", "index": "memfs.index.format", "trace": "memfs.trace"}[fmt]
     blob = msgfile.dumps(__import__(f, fromlist=["FORMAT"]).FORMAT, [msgpack.packb(doc)])
     try:
         loads(blob)

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from memfs.fetcher import Fetcher
-from memfs.index import remote_split
+from memfs.volume import remote_split
 from memfs.pagemap import PageMap, PageState, Region, checksum
 from memfs.pages import PageServer
 from memfs.stats import Stats

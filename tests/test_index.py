@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 from memfs import msgfile
 from memfs.capture import CaptureError, capture
-from memfs.index import (BLOCK, CHUNK, FORMAT, DiskIndex, DiskIndexError, DiskReferencer,
-                         aopen_referencer, build_index, changed_ranges_qcow2, open_referencer,
-                         remote_split)
+from memfs.index.build import build_index, changed_ranges_qcow2
+from memfs.index.format import BLOCK, CHUNK, FORMAT, DiskIndex, DiskIndexError
+from memfs.index.referencer import DiskReferencer, aopen_referencer, open_referencer
+from memfs.volume import remote_split
 from memfs.pagemap import PageMap, PageState, checksum
 from nbdserver import qemu_nbd
 from ramimage import memfs

@@ -43,7 +43,7 @@ MIB = 1 << 20
 _MOUNT = """
 import json, sys, trio
 from dataclasses import fields
-from memfs.cli import setup_logging
+from memfs.logs import setup_logging
 from memfs.daemon import Daemon, MountOptions
 mnt, size, store, log, extra = sys.argv[1:]
 setup_logging(False, log)

@@ -527,10 +527,10 @@ def test_daemon_logs_are_private(small, tmp_path) -> None:
 def test_a_bug_keeps_its_traceback(tmp_path) -> None:
     """Only expected failures are one line: a fault in memfs itself (here a
     sub-command that raises TypeError) shows its traceback and a BUG line."""
-    code = ("import sys, memfs.cli as c\n"
+    code = ("import sys, memfs.cli as c, memfs.cli.stats as s\n"
             "def broken(a):\n"
             "    raise TypeError('boom')\n"
-            "c.cmd_stats = broken\n"
+            "s.cmd_stats = broken\n"
             "sys.exit(c.main(['stats', '/']))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)

@@ -1,0 +1,175 @@
+"""``memfs mount``: options -> MountOptions, then the daemon in the foreground,
+detached, or under a supervisor that holds its FUSE connection."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+
+import trio
+
+from .. import supervisor
+from ..daemon import Daemon, MountOptions, check_mountpoint
+from ..detach import Ready, run_detached
+from ..logs import RUN_DIR, open_log, setup_logging
+from ..pagemap import PageMap
+from ..report import parse_size
+from ..trace import Trace
+from .common import UsageError, option
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ValueError("not an octal file mode (000 to 777)")
+    return mode
+
+
+def _regions(a: argparse.Namespace, pm: PageMap | None) -> dict[str, int]:
+    """--region and --new as {name: size}, checked against the page map."""
+    regions: dict[str, int] = {}
+    if a.new and (a.region or pm):
+        raise UsageError("--new starts empty regions: give no page map and no --region")
+    if a.new and not a.volume:
+        raise UsageError("--new needs --volume URI: where the guest's pages are copied")
+    for spec in (a.region or []) + (a.new or []):
+        name, sep, size = spec.partition(":")
+        if not sep:
+            raise UsageError(f"--region {spec}: expected NAME:SIZE")
+        try:
+            regions[name] = parse_size(size)
+        except ValueError as e:
+            raise UsageError(f"--region {spec}: {e}") from None
+    if pm and regions:
+        raise UsageError("give a page map or --region, not both")
+    return regions
+
+
+def mount_options(a: argparse.Namespace) -> MountOptions:
+    pm = PageMap.load(a.pagemap) if a.pagemap else None
+    regions = _regions(a, pm)
+    return MountOptions(
+        mountpoint=os.path.abspath(a.mountpoint), pagemap=pm, regions=regions,
+        store_dir=a.store, allow_other=a.allow_other, debug_fuse=a.debug_fuse,
+        read_ahead_kb=a.read_ahead_kb, max_read=a.max_read, fetch_retries=a.retries,
+        mode=option("--mode", _octal_mode, a.mode), bdi_max_ratio=a.bdi_max_ratio,
+        bdi_strict_limit=a.bdi_strict_limit, prefetch=not a.no_prefetch, push=not a.no_push,
+        prefetch_rate=option("--prefetch-rate", parse_size, a.prefetch_rate),
+        prefetch_trace=a.prefetch_trace, trace_out=a.trace_out,
+        pagemap_path=os.path.abspath(a.pagemap) if a.pagemap else None,
+        new=bool(a.new), volume=a.volume,
+        sync_rate=option("--sync-rate", parse_size, a.sync_rate),
+        sync_paused=a.sync_paused, sync_interval=a.sync_interval,
+        control_dirs=[os.path.abspath(d) for d in a.control_dir or []])
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    if a.pagemap and not os.path.isfile(a.pagemap) and os.path.isdir(a.pagemap) \
+            and a.mountpoint is None:
+        a.pagemap, a.mountpoint = None, a.pagemap
+    if a.state or a.supervise or a.resume:  # a connection that outlives the daemon
+        return supervisor.mount(a, mount_options, check_mountpoint)
+    if a.mountpoint is None:
+        raise UsageError("no mount point given")
+    opts = mount_options(a)
+    check_mountpoint(opts.mountpoint)
+    if opts.prefetch_trace:
+        Trace.load(opts.prefetch_trace)  # a clear error now, not in the daemon's log
+
+    if a.foreground:
+        setup_logging(a.debug, a.log)
+        trio.run(Daemon(opts).run)
+        return 0
+    return _daemonize(opts, a)
+
+
+def _daemonize(opts: MountOptions, a: argparse.Namespace) -> int:
+    logfile = a.log or os.path.join(
+        RUN_DIR, opts.mountpoint.strip("/").replace("/", "-") + ".log")
+    if not a.log:
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        st = os.lstat(RUN_DIR)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise UsageError(f"{RUN_DIR} is not a directory of uid {os.getuid()}: not logging "
+                             "there (give --log FILE)")
+        os.chmod(RUN_DIR, 0o700)
+    open_log(logfile).close()  # a bad log path is an error here, not a silent daemon death
+
+    def work(ready: Ready) -> int:
+        trio.run(Daemon(opts).run, lambda: ready(str(os.getpid())))
+        return 0
+    ok, msg = run_detached(work, logfile, a.debug)
+    if ok:
+        print(f"memfs: mounted {opts.mountpoint} (pid {msg}, log {logfile})")
+        return 0
+    print(f"memfs: mount failed: {msg or 'daemon died; see ' + logfile}", file=sys.stderr)
+    return 1
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("mount", help="serve regions over FUSE")
+    m.add_argument("pagemap", nargs="?", help="page map (omit with --region to load later)")
+    m.add_argument("mountpoint", nargs="?")
+    m.add_argument("--region", action="append", metavar="NAME:SIZE",
+                   help="serve a region before its page map arrives (memfs load)")
+    m.add_argument("--new", action="append", metavar="NAME:SIZE",
+                   help="a region that starts as zero pages, for a guest that boots on "
+                        "the mount (a migration source); needs --volume")
+    m.add_argument("--volume", metavar="URI",
+                   help="copy the pages the guest writes to this volume in the background "
+                        "(memfs capture --from-mount, memfs migrate)")
+    m.add_argument("--sync-rate", metavar="BYTES/S",
+                   help="limit that background copy (e.g. 100M; control: sync-rate)")
+    m.add_argument("--sync-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between background passes: write-back, then copy (1)")
+    m.add_argument("--sync-paused", action="store_true",
+                   help="start with the background copy paused (control: sync-resume)")
+    m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    m.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
+    m.add_argument("--allow-other", action="store_true", help="let other users (qemu) in")
+    m.add_argument("--mode", default="600", help="octal mode of region files (600)")
+    m.add_argument("--store", metavar="DIR", help="local store directory (default: temporary)")
+    _add_state_options(m)
+    m.add_argument("--read-ahead-kb", type=int, metavar="KB", help="bdi read-ahead")
+    m.add_argument("--max-read", type=int, metavar="BYTES", help="largest READ the kernel sends")
+    m.add_argument("--bdi-max-ratio", type=int, metavar="PCT", default=50,
+                   help="the mount's share of the dirty page limit (50; FUSE's own is 1)")
+    m.add_argument("--bdi-strict-limit", type=int, choices=(0, 1), default=0,
+                   help="1 holds writers to max-ratio strictly (0; FUSE's own is 1)")
+    m.add_argument("--retries", type=int, default=3, help="fetch retries before EIO (3)")
+    _add_prefetch_options(m)
+    m.add_argument("--log", metavar="FILE", help="log file (daemon default /run/memfs/…)")
+    m.add_argument("--control-dir", action="append", metavar="DIR",
+                   help="the only directory control commands (save, trace, flush) may write "
+                        "to; repeat for more (default: the page map's and the store's, and "
+                        "directories only root or the owner can write)")
+    m.set_defaults(func=cmd_mount)
+
+
+def _add_state_options(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--state", metavar="DIR",
+                   help="keep the mount's state (page map, journal, store) in DIR and hold "
+                        "its FUSE connection in a supervisor that restarts a dead daemon")
+    m.add_argument("--supervise", action="store_true",
+                   help="--state in /var/lib/memfs/<mount point>")
+    m.add_argument("--resume", metavar="STATE",
+                   help="continue the mount whose state is STATE: restart its daemon "
+                        "(live upgrade) if its supervisor runs, else mount it again")
+
+
+def _add_prefetch_options(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--no-prefetch", action="store_true",
+                   help="no background completion: pages come only on demand")
+    m.add_argument("--no-push", action="store_true",
+                   help="prefetch into the local store only, not into the page cache")
+    m.add_argument("--prefetch-rate", metavar="BYTES/S",
+                   help="limit background fetching (e.g. 200M)")
+    m.add_argument("--prefetch-trace", metavar="FILE",
+                   help="a working-set trace of an earlier mount: fetch its pages first")
+    m.add_argument("--trace-out", metavar="FILE",
+                   help="where the working-set trace goes at unmount (PAGEMAP.trace)")

@@ -1,0 +1,51 @@
+"""The ``memfs`` command as a package: every way to start it, and ``main()``
+twice in one process (it used to register sub-commands process-wide and fail
+the second time with ``conflicting subparser: index``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_main_twice_in_one_process(tmp_path: Path) -> None:
+    """Run in a child: main() sets up the root logger once per process."""
+    code = ("import sys\n"
+            "from memfs.cli import main\n"
+            f"a = main(['stats', {str(tmp_path)!r}])\n"
+            f"b = main(['index', {str(tmp_path / 'no-disk')!r}, '--out', "
+            f"{str(tmp_path / 'idx')!r}])\n"
+            f"c = main(['stats', {str(tmp_path)!r}])\n"
+            "print(a, b, c)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout == "1 1 1\n"
+    stats_err = f"memfs: cannot read stats of {tmp_path}: No such file or directory\n"
+    assert res.stderr == (stats_err + f"memfs: cannot open disk: {tmp_path}/no-disk: cannot "
+                          "open: No such file or directory\n" + stats_err)
+
+
+@pytest.mark.parametrize("argv", [[sys.executable, "-m", "memfs"],
+                                  [sys.executable, "-m", "memfs.cli"],
+                                  [str(VENV_BIN / "memfs")]],
+                         ids=["python -m memfs", "python -m memfs.cli", "console script"])
+def test_every_way_to_start_it(argv: list[str]) -> None:
+    if not Path(argv[0]).exists():
+        pytest.skip(f"{argv[0]}: not installed (pip install -e .)")
+    res = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout) == (0, "memfs 0.1.0\n")
+    res = subprocess.run([*argv, "umount"], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == (
+        2, "memfs: the following arguments are required: mountpoint (see memfs umount --help)\n")
+
+
+def test_help_lists_every_command() -> None:
+    res = subprocess.run([sys.executable, "-m", "memfs", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0
+    assert "{capture,mount,load,save,umount,stats,index,migrate,snapshot,restore}" in res.stdout
