@@ -70,7 +70,6 @@ MODULES_OVER = {
     "memfs/fetcher.py": "issue 13: another engineer splits the fetcher this session",
     "memfs/disks/nbd.py": "issue 13: another engineer splits the NBD disk this session",
     "memfs/disks/nbd_proto.py": "issue 13: another engineer owns the NBD codec this session",
-    "memfs/capture.py": "issue 13: being split (structure)",
     "memfs/control.py": "issue 13: being split (structure)",
     "memfs/daemon.py": "issue 13: being split (structure)",
     "memfs/pagemap.py": "issue 13: being split (structure)",
@@ -85,7 +84,6 @@ FUNCTIONS_OVER = {
     ("memfs/disks/nbd_proto.py", "receive_reply"): "issue 13: NBD codec, another engineer",
     ("memfs/qemu/snapshot.py", "snapshot"): "issue 13: another engineer owns qemu/snapshot",
     ("memfs/sync.py", "_copy"): "issue 13: not split this session",
-    ("memfs/capture.py", "_capture"): "issue 13: being split (structure)",
     ("memfs/qemu/migrate.py", "_run"): "issue 13: being split (structure)",
 }
 

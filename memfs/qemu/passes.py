@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import trio
 
 from .. import control
-from ..capture import CaptureError, Referencer, capture
+from ..capture import BufferPool, capture
+from ..capture_types import CaptureError, Referencer
 
 
 class PassError(Exception):
@@ -36,6 +37,8 @@ class ReadPasses:
         self.rams, self.volume, self.tmp, self.ref = list(rams), volume, tmp, ref
         self.view_mount = view_mount
         self.base: str | None = None
+        #: read buffers for every pass (a fresh one page-faults its whole size)
+        self.pool = BufferPool()
 
     async def hand_over(self, dest_mount: str, out: str) -> None:
         await trio.to_thread.run_sync(control.load, dest_mount, out)
@@ -52,7 +55,7 @@ class ReadPasses:
         path = out or os.path.join(self.tmp, f"pass{i}.pagemap")
         try:
             res = await capture(self.rams, self.volume, path, base=self.base, view=view,
-                                progress=False, referencer=self.ref)
+                                progress=False, referencer=self.ref, pool=self.pool)
         except CaptureError as e:
             raise PassError(str(e)) from None
         self.base = path
