@@ -25,6 +25,8 @@
 #   readmark  -> MARKED X      what /data/mark holds
 #   readdisk [DEV] -> READDISK DEV md5=<md5>  reads a whole disk (default /dev/vda,
 #             a virtio-blk disk: its modules load on first use) into the page cache
+#   macs      -> MACS IF=ADDR ...  the address of each network interface but lo
+#             (/sys/class/net/*/address; virtio-net's modules load on first use)
 #   poweroff  -> powers off
 # Unprompted: "READY fill=.. work=.. tick=.." once; "T <n> <uptime_cs>" ticks.
 #
@@ -201,6 +203,17 @@ while :; do
                 else
                     echo "ERR no disk $dev"
                 fi ;;
+            macs) if [ ! -d /sys/bus/virtio/drivers/virtio_net ]; then
+                    for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev \
+                            virtio_pci failover net_failover virtio_net; do
+                        [ -e /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
+                    done
+                fi
+                out=MACS
+                for d in /sys/class/net/*; do
+                    [ "${d##*/}" = lo ] || [ ! -e "$d/address" ] || out="$out ${d##*/}=$(cat "$d/address")"
+                done
+                echo "$out" ;;
             poweroff) sync; poweroff -f ;;
             '') ;;
             *) echo "ERR unknown command: $cmd" ;;
