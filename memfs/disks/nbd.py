@@ -28,6 +28,7 @@ import trio
 from . import nbd_proto as p
 from .base import Disk, DiskError, DiskURI
 from .nbd_conn import Conn as _Conn
+from .nbd_conn import Lost as _Lost
 from .nbd_conn import RangeLock as _RangeLock
 from .nbd_conn import gather as _gather
 from .nbd_conn import round_up as _round_up
@@ -182,7 +183,8 @@ class NBDDisk(Disk):
             await stream.aclose()
             raise DiskError(f"{self.uri}: export changed on reconnect "
                             f"(size {self.info.size} -> {info.size})")
-        conn = _Conn(self, next(self._conn_ids), stream, reader, info)
+        conn = _Conn(next(self._conn_ids), stream, reader, info, uri=self.uri,
+                     closing=lambda: self._closing, on_death=self._conn_died)
         self._conns.append(conn)
         self._stats["nbd_connections"] = len(self._conns)
         self._nursery.start_soon(conn.run_reader)
@@ -247,9 +249,10 @@ class NBDDisk(Disk):
                        deadline: float | None = None) -> bytearray | None:
         """One command, under one deadline, resent and retried until it succeeds.
 
+        Lost with its connection: resent (as a retry if the server lied);
+        an error reply: retried with back-off, ``retries`` times at most.
         The deadline is ``timeout`` seconds from now, or the caller's
-        ``deadline`` if that comes first: the request fails then, however
-        many resends, reconnects and retries it took.
+        ``deadline`` if nearer: the request fails then, whatever it took.
         """
         what = f"{p.CMD_NAMES[cmd]} of {length} bytes at {offset}"
         self._stats["nbd_requests"] += 1
@@ -263,40 +266,20 @@ class NBDDisk(Disk):
             with trio.move_on_at(limit) as scope:
                 errors = 0
                 while True:
-                    conn = await self._get_conn()
-                    req = p.Request(cmd, offset, length,
-                                    bytearray(length) if cmd == p.CMD_READ else None)
-                    cookie = next(self._cookies)
-                    sent_at = conn.reader.received
                     try:
-                        ev = conn.submit(cookie, req, payload)
-                        try:
-                            await ev.wait()
-                        except trio.Cancelled:
-                            # Abandoned: its reply is still read and dropped.  A
-                            # connection that said nothing since we sent is wedged.
-                            conn.events.pop(cookie, None)
-                            if scope.cancel_called and conn.reader.received == sent_at:
-                                self._nursery_kill(conn, "no reply within the timeout")
-                            raise
-                    except p.NBDConnectionLost as e:
-                        last = str(e)
-                        self._stats["nbd_resent"] += 1
-                        continue
-                    if cookie in conn.pending:      # woken by a dying connection
-                        conn.pending.pop(cookie, None)
-                        last = conn.death or "connection lost"
-                        if conn.lied:               # a lying server gets few chances
+                        req = await self._attempt(cmd, offset, length, payload, scope)
+                    except _Lost as e:
+                        last = e.reason
+                        if e.lied:                  # a lying server gets few chances
                             if errors >= self.retries:
                                 break
                             errors += 1
                             self._stats["nbd_retries"] += 1
                         self._stats["nbd_resent"] += 1
-                        log.info("%s: %s resent after connection loss", self.uri, what)
+                        if e.woken:
+                            log.info("%s: %s resent after connection loss", self.uri, what)
                         continue
                     if not req.error:
-                        if cmd == p.CMD_WRITE:
-                            conn.dirty += 1
                         return req.buf
                     self._stats["nbd_server_errors"] += 1
                     last = f"server error {p.errno_name(req.error)}" + (
@@ -321,6 +304,30 @@ class NBDDisk(Disk):
         self._stats["nbd_errors"] += 1
         log.error("%s: %s failed: %s", self.uri, what, last)
         raise DiskError(f"{self.uri}: {what} failed: {last}")
+
+    async def _attempt(self, cmd: int, offset: int, length: int,
+                       payload: bytes | memoryview | None,
+                       scope: trio.CancelScope) -> p.Request:
+        """Send once and wait for the reply (error replies included); _Lost if
+        the connection died first, or dropped if it is wedged: silent since
+        the send when ``scope`` (the request's deadline) expires."""
+        conn = await self._get_conn()
+        req = p.Request(cmd, offset, length, bytearray(length) if cmd == p.CMD_READ else None)
+        cookie = next(self._cookies)
+        sent_at = conn.received
+        ev = conn.submit(cookie, req, payload)  # _Lost if it is dead already
+        try:
+            await ev.wait()
+        except trio.Cancelled:
+            conn.abandon(cookie)
+            if scope.cancel_called and conn.received == sent_at:
+                self._nursery_kill(conn, "no reply within the timeout")
+            raise
+        if conn.lost(cookie):
+            raise _Lost(conn.death or "connection lost", lied=conn.lied, woken=True)
+        if cmd == p.CMD_WRITE and not req.error:
+            conn.dirty += 1
+        return req
 
     def _nursery_kill(self, conn: _Conn, reason: str) -> None:
         log.warning("%s: connection %d is stalled; dropping it", self.uri, conn.ident)
@@ -422,13 +429,7 @@ class NBDDisk(Disk):
         with trio.CancelScope(shield=True):
             with trio.move_on_after(2):
                 for c in list(self._conns):
-                    if c.alive:
-                        c.outq.append(p.encode_request(p.CMD_DISC, 0, 0, 0))
-                        c.out_lot.unpark_all()
-                        with trio.move_on_after(0.5):
-                            while c.alive and (c.outq or c.sending):
-                                await trio.sleep(0.002)
-                    await c.kill("disk closed")
+                    await c.disconnect("disk closed")
             if self._supervisor_scope is not None:
                 self._supervisor_scope.cancel()
                 await self._supervisor_done.wait()

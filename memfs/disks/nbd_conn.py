@@ -2,31 +2,44 @@
 
 Kept apart from the disk's policy so each module stays short: a connection
 knows how to queue requests, send them in order and match replies by cookie;
-when it dies it wakes every waiter, and the disk decides what to resend.
+when it dies it wakes every waiter, and the disk decides what to resend.  It
+knows its disk only through what it is given: the disk's URI for log lines,
+``closing`` (is the disk closing? then a dying connection is not news) and
+``on_death`` (called once, when the connection dies).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
 from . import nbd_proto as p
 from .base import DiskError
 
-if TYPE_CHECKING:
-    from .nbd import NBDDisk
-
 log = logging.getLogger("memfs.nbd")
+
+
+class Lost(Exception):
+    """A request's connection died before its reply: send it again.
+    ``lied``: the server broke the protocol; ``woken``: it died while the
+    request waited (not before it was queued)."""
+
+    def __init__(self, reason: str, *, lied: bool = False, woken: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.lied, self.woken = reason, lied, woken
 
 
 class Conn:
     """One NBD connection in the transmission phase, with its reply reader."""
 
-    def __init__(self, disk: "NBDDisk", ident: int, stream: trio.abc.Stream,
-                 reader: p.Reader, info: p.ExportInfo) -> None:
-        self.disk = disk
+    def __init__(self, ident: int, stream: trio.abc.Stream, reader: p.Reader,
+                 info: p.ExportInfo, *, uri: str, closing: Callable[[], bool],
+                 on_death: Callable[["Conn", str], None]) -> None:
+        self.uri = uri
+        self._closing = closing
+        self._on_death = on_death
         self.ident = ident
         self.stream = stream
         self.reader = reader
@@ -58,11 +71,11 @@ class Conn:
         except DiskError as e:
             reason = str(e)
             self.lied = isinstance(e, p.NBDProtocolError)
-            if self.alive and not self.disk._closing:
-                log.warning("%s: connection %d dropped: %s", self.disk.uri, self.ident, e)
+            if self.alive and not self._closing():
+                log.warning("%s: connection %d dropped: %s", self.uri, self.ident, e)
         except Exception as e:  # a bug here must not kill the trio run
             reason = f"internal error: {e!r}"
-            log.exception("%s: connection %d reader failed", self.disk.uri, self.ident)
+            log.exception("%s: connection %d reader failed", self.uri, self.ident)
         finally:
             await self.kill(reason)
 
@@ -71,13 +84,37 @@ class Conn:
         if self.alive:
             self.alive = False
             self.death = reason
-            self.disk._conn_died(self, reason)
+            self._on_death(self, reason)
         self.out_lot.unpark_all()
         for ev in self.events.values():
             ev.set()
         self.events.clear()
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
+
+    @property
+    def received(self) -> int:
+        """Bytes read from the server so far: unchanged means it said nothing."""
+        return self.reader.received
+
+    def abandon(self, cookie: int) -> None:
+        """The caller gave up on ``cookie``: its reply is still read, and dropped."""
+        self.events.pop(cookie, None)
+
+    def lost(self, cookie: int) -> bool:
+        """True if ``cookie`` was woken by the connection dying, not by its reply."""
+        return self.pending.pop(cookie, None) is not None
+
+    async def disconnect(self, reason: str) -> None:
+        """Say goodbye (NBD_CMD_DISC) if alive, give the writer half a second
+        to send what is queued, then kill."""
+        if self.alive:
+            self.outq.append(p.encode_request(p.CMD_DISC, 0, 0, 0))
+            self.out_lot.unpark_all()
+            with trio.move_on_after(0.5):
+                while self.alive and (self.outq or self.sending):
+                    await trio.sleep(0.002)
+        await self.kill(reason)
 
     def submit(self, cookie: int, req: p.Request,
                payload: bytes | memoryview | None) -> trio.Event:
@@ -88,7 +125,7 @@ class Conn:
         queued into one send.
         """
         if not self.alive:
-            raise p.NBDConnectionLost(self.death or "connection is closed")
+            raise Lost(self.death or "connection is closed")
         ev = trio.Event()
         self.pending[cookie] = req
         self.events[cookie] = ev
@@ -120,8 +157,8 @@ class Conn:
                     await self.stream.send_all(b"".join(small) if len(small) > 1 else small[0])
                 self.sending = False
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            if self.alive and not self.disk._closing:
-                log.warning("%s: connection %d: send failed: %s", self.disk.uri, self.ident, e)
+            if self.alive and not self._closing():
+                log.warning("%s: connection %d: send failed: %s", self.uri, self.ident, e)
             await self.kill(f"send failed: {e}")
 
 
