@@ -43,6 +43,8 @@ class GatedDisk(Disk):
         self.data = bytearray(data)
         self.size = len(self.data)
         self.reads: list[tuple[int, int]] = []
+        #: set by the first read: a test waits for a task that gets there via a thread
+        self.read_seen = trio.Event()
         self.gated = gated
         self.gate = trio.Event()
         self.write_gate = trio.Event()
@@ -59,6 +61,7 @@ class GatedDisk(Disk):
 
     async def read(self, offset: int, length: int, *, deadline: float | None = None) -> bytes:
         self.reads.append((offset, length))
+        self.read_seen.set()
         if self.gated:
             await self.gate.wait()
         if self.fail_next:

@@ -98,23 +98,6 @@ async def test_corrupt_page_fails_alone_and_is_counted(tmp_path, ram) -> None:
     assert r.states[bad] == PageState.REMOTE
 
 
-async def test_io_before_the_page_map_waits_for_it(tmp_path, ram) -> None:
-    pm, data, _ = await captured(tmp_path, ram)
-    server, fetcher, stats = await make_server(tmp_path, pm, install=False)
-    got: list[bytes] = []
-
-    async def reader() -> None:
-        got.append(await server.read("ram0", 0, 4 * PS))
-
-    async with trio.open_nursery() as n:
-        n.start_soon(reader)
-        await trio.sleep(0.05)
-        assert got == []
-        server.install(pm, fetcher)
-    assert got == [data[:4 * PS]]
-    assert stats.counters["reads_waited_for_pagemap"] == 1
-
-
 async def test_writes_win_over_remote_data(tmp_path, ram) -> None:
     pm, data, _ = await captured(tmp_path, ram)
     server, _, _ = await make_server(tmp_path, pm)
@@ -169,9 +152,12 @@ def test_nowait_pread_serves_cached_bytes_and_declines_the_rest(tmp_path) -> Non
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.pread(fd, len(data), 0)  # now in the page cache
-        got = nowait_pread(fd, PS, PS)
-        assert got is None or got == data[PS:2 * PS]  # None only if evicted meanwhile
+        for _ in range(3):  # evicted between the two calls: a rare miss, read again
+            os.pread(fd, len(data), 0)  # now in the page cache
+            got = nowait_pread(fd, PS, PS)
+            if got is not None:
+                break
+        assert got == data[PS:2 * PS]
         assert nowait_pread(fd, 2 * PS, 2 * PS) is None  # past the end: a short read
         assert nowait_pread(fd, 0, _NOWAIT_MAX + PS) is None  # large: a thread's job
     finally:
