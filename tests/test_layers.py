@@ -84,7 +84,6 @@ FUNCTIONS_OVER = {
     ("memfs/disks/nbd_proto.py", "receive_reply"): "issue 13: NBD codec, another engineer",
     ("memfs/qemu/snapshot.py", "snapshot"): "issue 13: another engineer owns qemu/snapshot",
     ("memfs/sync.py", "_copy"): "issue 13: not split this session",
-    ("memfs/qemu/migrate.py", "_run"): "issue 13: being split (structure)",
 }
 
 

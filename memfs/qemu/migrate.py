@@ -49,7 +49,7 @@ from .. import control
 from ..capture_types import CaptureError, Referencer
 from ..index.referencer import aopen_referencer
 from .passes import MountPasses, PassError, ReadPasses
-from .plain import MigrationWatch, migrate_incoming, set_capabilities
+from .plain import MigrationWatch, StreamCounter, migrate_incoming, set_capabilities
 from .qmp import QMP, QMPError, unwrap_single
 
 __all__ = ["MigrateError", "MigrateOptions", "MigrateReport", "migrate"]
@@ -139,43 +139,6 @@ class MigrateReport:
                          f"{p['pages_unchanged']} unchanged, {p['pages_kept']} kept remote, "
                          f"{p.get('pages_referenced', 0)} referenced, {p['pages_zero']} zero")
         return "\n".join(lines)
-
-
-class StreamCounter:
-    """A unix-socket relay from ``listen`` to ``target`` that counts the bytes
-    the source sends: the migration stream as it is on the wire."""
-
-    def __init__(self, listen: str, target: str) -> None:
-        self.listen, self.target = listen, target
-        self.sent = 0
-
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(self.listen)
-        sock.listen(1)
-        listener = trio.SocketListener(sock)
-        task_status.started()
-        async with listener, trio.open_nursery() as nursery:
-            while True:
-                conn = await listener.accept()
-                nursery.start_soon(self._relay, conn)
-
-    async def _relay(self, conn: trio.SocketStream) -> None:
-        async with conn, await trio.open_unix_socket(self.target) as up:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, conn, up, True, nursery)
-                nursery.start_soon(self._pump, up, conn, False, nursery)
-
-    async def _pump(self, a: trio.SocketStream, b: trio.SocketStream, count: bool,
-                    nursery: trio.Nursery) -> None:
-        try:
-            while data := await a.receive_some(1 << 20):
-                if count:
-                    self.sent += len(data)
-                await b.send_all(data)
-            await b.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            nursery.cancel_scope.cancel()
 
 
 def _source_mount(rams: Sequence[tuple[str, str]]) -> str | None:
@@ -271,112 +234,140 @@ async def _run(opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
     for q in (src, dst):
         await set_capabilities(q, x_ignore_shared=True)
     await migrate_incoming(dst, incoming)
+    run = _Run(opts, rep, src, dst, outgoing)
+    await run.choose_passes(src_mount, tmp, ref)
+    for i in range(opts.passes):
+        await run.one_pass(i)
+        run.mark(f"pass{i + 1}")
+    await run.switch_over()
+    await run.after()
 
-    t0 = rep.started = time.monotonic()
-    steps = rep.steps_ms
 
-    def mark(step: str) -> None:
-        steps[step] = round((time.monotonic() - t0) * 1000, 1)
+class _Run:
+    """One migration from the first pass on: the steps share the options, the
+    report, both QMP sessions and the clock."""
 
-    passes: ReadPasses | MountPasses
-    if src_mount and ref is None:
-        passes = MountPasses(src_mount, opts.volume, opts.dest_mount, tmp, opts.passes)
-        try:
-            rep.volume = await passes.prepare()
-        except PassError as e:
-            raise MigrateError(str(e)) from None
-        rep.volume_bytes_before = passes.bytes_before
-    else:
+    def __init__(self, opts: MigrateOptions, rep: MigrateReport, src: QMP, dst: QMP,
+                 outgoing: str) -> None:
+        self.opts, self.rep, self.src, self.dst, self.outgoing = opts, rep, src, dst, outgoing
+        self.t0 = rep.started = time.monotonic()
+        self.t_stop = self.t0
+        self.passes: ReadPasses | MountPasses | None = None
+
+    def mark(self, step: str) -> None:
+        self.rep.steps_ms[step] = round((time.monotonic() - self.t0) * 1000, 1)
+
+    async def choose_passes(self, src_mount: str | None, tmp: str,
+                            ref: Referencer | None) -> None:
+        """Ask the source's mount, or read RAM (needs a volume)."""
+        opts, rep = self.opts, self.rep
+        if src_mount and ref is None:
+            passes = MountPasses(src_mount, opts.volume, opts.dest_mount, tmp, opts.passes)
+            try:
+                rep.volume = await passes.prepare()
+            except PassError as e:
+                raise MigrateError(str(e)) from None
+            rep.volume_bytes_before = passes.bytes_before
+            self.passes = passes
+            return
         if not opts.volume:
             raise MigrateError("--volume is needed: the source RAM is not a memfs mount "
                                "that copies its pages to a volume")
-        passes = ReadPasses(opts.rams, opts.volume, tmp, ref, view_mount=src_mount)
+        self.passes = ReadPasses(opts.rams, opts.volume, tmp, ref, view_mount=src_mount)
         rep.volume = opts.volume
 
-    async def one_pass(i: int) -> None:
-        final = i == opts.passes
+    async def one_pass(self, i: int) -> None:
+        final = i == self.opts.passes
+        assert self.passes is not None
         try:
-            res = await passes.run(i, opts.pagemap if final else None)
+            res = await self.passes.run(i, self.opts.pagemap if final else None)
         except PassError as e:
             raise MigrateError(f"capture pass {i + 1}: {e}") from None
-        rep.passes.append(res)
+        self.rep.passes.append(res)
         if "bytes_written" in res:
-            rep.volume_bytes += res["bytes_written"]
-            rep.pages_referenced += res.get("pages_referenced", 0)
+            self.rep.volume_bytes += res["bytes_written"]
+            self.rep.pages_referenced += res.get("pages_referenced", 0)
         log.info("pass %d%s: %.3fs %s", i + 1, " (final)" if final else "", res["seconds"],
                  {k: v for k, v in res.items() if k.startswith("pages_")})
 
-    for i in range(opts.passes):
-        await one_pass(i)
-        mark(f"pass{i + 1}")
+    async def switch_over(self) -> None:
+        """Stop the source, then the final pass and the device state at once
+        (the downtime is the longer of the two, not their sum), then run the
+        destination.  A failure before that resumes the source."""
+        stopped = resumed = False
+        try:
+            await self.src.execute("stop")
+            stopped = True
+            self.t_stop = time.monotonic()
+            self.mark("stopped")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.pages)
+                nursery.start_soon(self.devices)
+            # free once the device state is sent and every page is on the volume
+            steps = self.rep.steps_ms
+            self.rep.src_free_ms = max(steps["source_done"], steps["final_pass"])
+            await self.dst.execute("cont")
+            resumed = True
+            t_run = time.monotonic()
+            self.mark("running")
+        except BaseException:
+            if stopped and not resumed:
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    try:
+                        await self.src.execute("cont")
+                        log.error("migration failed: the source runs again")
+                    except Exception as e:
+                        log.error("migration failed and the source could not be resumed: %s",
+                                  e)
+            raise
+        self.rep.downtime_ms = round((t_run - self.t_stop) * 1000, 1)
+        self.rep.total_ms = round((t_run - self.t0) * 1000, 1)
 
-    stopped = resumed = False
-    try:
-        await src.execute("stop")
-        stopped = True
-        t_stop = time.monotonic()
-        mark("stopped")
-        async def pages() -> None:
-            """The final pass and the hand-over of the page map."""
-            await one_pass(opts.passes)
-            mark("final_pass")
-            rep.final_pass_ms = round((time.monotonic() - t_stop) * 1000, 1)
+    async def pages(self) -> None:
+        """The final pass and the hand-over of the page map."""
+        assert self.passes is not None
+        await self.one_pass(self.opts.passes)
+        self.mark("final_pass")
+        self.rep.final_pass_ms = round((time.monotonic() - self.t_stop) * 1000, 1)
+        try:
+            await self.passes.hand_over(self.opts.dest_mount, self.opts.pagemap)
+        except (control.ControlError, OSError) as e:
+            raise MigrateError(f"the destination mount refused the page map: {e}") from None
+        self.mark("loaded")
+
+    async def devices(self) -> None:
+        """The device state, meanwhile: the shared RAM is not in the stream,
+        and a READ of the destination's RAM before its page map arrives
+        waits for it (DESIGN.md invariant 4)."""
+        rep, timeout = self.rep, self.opts.timeout
+        watch = MigrationWatch(started=self.t_stop)
+        await self.src.execute("migrate", {"uri": self.outgoing})
+        await watch.until(self.src, timeout=timeout, interval=0.005)
+        self.mark("source_done")
+        rep.qemu_downtime_ms = watch.info.get("downtime")
+        if not rep.stream_counted:
+            rep.stream_bytes = int(watch.info.get("ram", {}).get("transferred", 0))
+        with trio.fail_after(timeout):
+            while (await self.dst.execute("query-status"))["status"] == "inmigrate":
+                await trio.sleep(0.005)
+        rep.device_ms = round((time.monotonic() - self.t_stop) * 1000, 1)
+        self.mark("destination_loaded")
+
+    async def after(self) -> None:
+        """The guest runs on the destination: the record, and the source quits."""
+        opts, rep, passes = self.opts, self.rep, self.passes
+        if isinstance(passes, MountPasses):  # the final pass's figures, now that it is over
+            await passes.account(rep.passes[-1])
             try:
-                await passes.hand_over(opts.dest_mount, opts.pagemap)
-            except (control.ControlError, OSError) as e:
-                raise MigrateError(f"the destination mount refused the page map: {e}") from None
-            mark("loaded")
-
-        async def devices() -> None:
-            """The device state, meanwhile: the shared RAM is not in the stream,
-            and a READ of the destination's RAM before its page map arrives
-            waits for it (DESIGN.md invariant 4)."""
-            watch = MigrationWatch(started=t_stop)
-            await src.execute("migrate", {"uri": outgoing})
-            await watch.until(src, timeout=opts.timeout, interval=0.005)
-            mark("source_done")
-            rep.qemu_downtime_ms = watch.info.get("downtime")
-            if not rep.stream_counted:
-                rep.stream_bytes = int(watch.info.get("ram", {}).get("transferred", 0))
-            with trio.fail_after(opts.timeout):
-                while (await dst.execute("query-status"))["status"] == "inmigrate":
-                    await trio.sleep(0.005)
-            rep.device_ms = round((time.monotonic() - t_stop) * 1000, 1)
-            mark("destination_loaded")
-
-        # both at once: the downtime is the longer of the two, not their sum
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pages)
-            nursery.start_soon(devices)
-        # free once the device state is sent and every page is on the volume
-        rep.src_free_ms = max(steps["source_done"], steps["final_pass"])
-        await dst.execute("cont")
-        resumed = True
-        t_run = time.monotonic()
-        mark("running")
-    except BaseException:
-        if stopped and not resumed:
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                try:
-                    await src.execute("cont")
-                    log.error("migration failed: the source runs again")
-                except Exception as e:
-                    log.error("migration failed and the source could not be resumed: %s", e)
-        raise
-    rep.downtime_ms = round((t_run - t_stop) * 1000, 1)
-    rep.total_ms = round((t_run - t0) * 1000, 1)
-    if isinstance(passes, MountPasses):  # the final pass's figures, now that it is over
-        await passes.account(rep.passes[-1])
-        try:
-            await passes.finish(opts.pagemap)
-        except PassError as e:
-            log.warning("the guest runs on the destination, but the page map for the "
-                        "record was not written: %s", e)
-        rep.volume_bytes += rep.passes[-1]["bytes_written"]
-    st = await trio.to_thread.run_sync(control.read_stats, opts.dest_mount)
-    rep.pages_remote_at_resume = int(st.get("pages_remote", 0))
-    if opts.quit_source:
-        try:
-            await src.execute("quit", timeout=5)
-        except Exception as e:
-            log.warning("quitting the source: %s", e)
+                await passes.finish(opts.pagemap)
+            except PassError as e:
+                log.warning("the guest runs on the destination, but the page map for the "
+                            "record was not written: %s", e)
+            rep.volume_bytes += rep.passes[-1]["bytes_written"]
+        st = await trio.to_thread.run_sync(control.read_stats, opts.dest_mount)
+        rep.pages_remote_at_resume = int(st.get("pages_remote", 0))
+        if opts.quit_source:
+            try:
+                await self.src.execute("quit", timeout=5)
+            except Exception as e:
+                log.warning("quitting the source: %s", e)

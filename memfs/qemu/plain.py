@@ -15,7 +15,8 @@ import trio
 
 from .qmp import QMP
 
-__all__ = ["set_capabilities", "migrate_incoming", "MigrationWatch", "migrate_and_wait"]
+__all__ = ["set_capabilities", "migrate_incoming", "MigrationWatch", "migrate_and_wait",
+           "StreamCounter"]
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -74,3 +75,40 @@ async def migrate_and_wait(src: QMP, uri: str, timeout: float = 300.0) -> Migrat
     await src.execute("migrate", {"uri": uri})
     await watch.until(src, timeout=timeout)
     return watch
+
+
+class StreamCounter:
+    """A unix-socket relay from ``listen`` to ``target`` that counts the bytes
+    the source sends: the migration stream as it is on the wire."""
+
+    def __init__(self, listen: str, target: str) -> None:
+        self.listen, self.target = listen, target
+        self.sent = 0
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(self.listen)
+        sock.listen(1)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                conn = await listener.accept()
+                nursery.start_soon(self._relay, conn)
+
+    async def _relay(self, conn: trio.SocketStream) -> None:
+        async with conn, await trio.open_unix_socket(self.target) as up:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, conn, up, True, nursery)
+                nursery.start_soon(self._pump, up, conn, False, nursery)
+
+    async def _pump(self, a: trio.SocketStream, b: trio.SocketStream, count: bool,
+                    nursery: trio.Nursery) -> None:
+        try:
+            while data := await a.receive_some(1 << 20):
+                if count:
+                    self.sent += len(data)
+                await b.send_all(data)
+            await b.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            nursery.cancel_scope.cancel()
