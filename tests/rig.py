@@ -25,16 +25,22 @@ import ctypes
 import json
 import os
 import socket
+import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
+#: SO_MARK of the storage relay's connections, and the routing table that mark uses
+STORAGE_MARK = 0x4d
+STORAGE_TABLE = 77
 
 HOSTS = ("src", "dst", "sto")
 _HOST_CODE = {"src": "s", "dst": "d", "sto": "o"}
@@ -53,6 +59,9 @@ class Rig:
         self.net = net if net is not None else 100 + int(self.tag, 16) % 100
         self.storage_ip = f"10.{self.net}.9.1"
         self.up = False
+        #: the storage relay processes (delay_storage), and their one-way delay
+        self.relays: list[subprocess.Popen[str]] = []
+        self.storage_delay = 0.0
 
     def ns(self, host: str) -> str:
         return f"memfs-{self.tag}-{host}"
@@ -106,6 +115,10 @@ class Rig:
                      self.ip("sto", link))
 
     def close(self) -> None:
+        for proc in self.relays:
+            proc.kill()
+            proc.wait()
+        self.relays.clear()
         if not self.up:
             return
         for h in HOSTS:   # the veth pairs go with their namespaces
@@ -161,6 +174,45 @@ class Rig:
             out[host] = int(doc[0]["stats64"]["tx"]["bytes"])
         return out
 
+    def delay_storage(self, ports: Iterable[int], delay: float) -> None:
+        """Add ``delay`` seconds each way to TCP connections from the source and
+        destination hosts to the storage address on ``ports``.
+
+        Ceph clients connect to the addresses the cluster's maps name, so the
+        relay cannot be a different address: on each client host the storage
+        address becomes local too (on ``lo``), where a :class:`DelayRelay`
+        process listens on ``ports``; its own connections carry SO_MARK
+        ``STORAGE_MARK``, which a policy rule ahead of the local table routes
+        out over that host's storage link to the real storage host.  Replies
+        come from an address that is local here as well, hence
+        ``accept_local``.  Bytes still cross the same veth (counted, rate
+        limited); the relay process is stopped by :meth:`close`."""
+        ports = sorted(set(ports))
+        for host, link in (("src", "storage-src"), ("dst", "storage-dst")):
+            ns, dev = self.ns(host), self.dev(link, host)
+            self._sh("ip", "-n", ns, "addr", "add", f"{self.storage_ip}/32", "dev", "lo")
+            self._sh("ip", "-n", ns, "rule", "add", "pref", "100", "fwmark",
+                     hex(STORAGE_MARK), "lookup", str(STORAGE_TABLE))
+            self._sh("ip", "-n", ns, "rule", "add", "pref", "200", "lookup", "local")
+            self._sh("ip", "-n", ns, "rule", "del", "pref", "0")
+            self._sh("ip", "-n", ns, "route", "add", f"{self.storage_ip}/32", "via",
+                     self.ip("sto", link), "src", self.ip(host, link), "table",
+                     str(STORAGE_TABLE))
+            for conf in ("all", dev):
+                self._sh(*self.prefix(host), "sysctl", "-qw",
+                         f"net.ipv4.conf.{conf}.accept_local=1",
+                         f"net.ipv4.conf.{conf}.rp_filter=0")
+            proc = subprocess.Popen(
+                [*self.prefix(host), sys.executable, os.path.abspath(__file__), "relay",
+                 self.storage_ip, str(delay), str(STORAGE_MARK), *map(str, ports)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                preexec_fn=_die_with_parent)
+            self.relays.append(proc)
+            line = proc.stdout.readline() if proc.stdout else ""
+            if line.strip() != "ready":
+                raise RuntimeError(f"the storage relay on {host} did not start: {line!r}")
+        self.storage_delay = delay
+
     def qdisc(self, link: str, host: str) -> str:
         return self._sh("tc", "-n", self.ns(host), "qdisc", "show", "dev",
                         self.dev(link, host)).strip()
@@ -173,9 +225,11 @@ class DelayRelay:
     ``target`` from there.  One thread per direction per connection."""
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int] | str,
-                 delay: float) -> None:
+                 delay: float, mark: int = 0) -> None:
         self.target = target
         self.delay = delay
+        #: SO_MARK of the outgoing connections (the storage relay's policy route)
+        self.mark = mark
         self.sock = socket.create_server(listen, reuse_port=False)
         self.addr = self.sock.getsockname()
         self.bytes = 0
@@ -191,12 +245,13 @@ class DelayRelay:
                 a, _ = self.sock.accept()
             except OSError:
                 return
+            a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle wait
             try:
                 if isinstance(self.target, str):      # a unix socket path
                     b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     b.connect(self.target)
                 else:
-                    b = socket.create_connection(self.target, timeout=10)
+                    b = _connect(self.target, self.mark)
             except OSError:
                 a.close()
                 continue
@@ -293,6 +348,22 @@ class LinkHop:
         self.relay.close()
 
 
+def _connect(target: tuple[str, int], mark: int) -> socket.socket:
+    """A TCP connection to ``target``; with ``mark``, SO_MARK set before the
+    connect, so the policy route of that mark picks the way out."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if mark:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        s.settimeout(10)
+        s.connect(target)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 def _copy(src: socket.socket, dst: socket.socket) -> None:
     try:
         while chunk := src.recv(1 << 16):
@@ -304,3 +375,24 @@ def _copy(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _relay_main(argv: list[str]) -> None:
+    """``rig.py relay ADDR DELAY MARK PORT...``: a :class:`DelayRelay` per port,
+    listening on ADDR here and connecting to ADDR:PORT with MARK; prints
+    ``ready`` once every port listens.  A process of its own, so that its
+    threads do not share a GIL with the benchmark's."""
+    addr, delay, mark, *ports = argv
+    relays = [DelayRelay((addr, int(p)), (addr, int(p)), float(delay), int(mark))
+              for p in ports]
+    print("ready", flush=True)
+    while relays:
+        signal.pause()      # until killed (Rig.close, or the parent's death)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["relay"]:
+    _relay_main(sys.argv[2:])

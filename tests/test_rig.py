@@ -137,3 +137,60 @@ def test_link_hop_carries_a_unix_stream_over_the_link(tmp_path) -> None:
         srv.close()
         assert bytes(got) == payload
         assert after["src"] - before["src"] >= len(payload)
+
+
+def test_storage_delay_relay_keeps_the_address_and_the_link() -> None:
+    """delay_storage: a client still connects to the storage address (as a Ceph
+    client does to the address its maps name) and reaches the server on the
+    storage host through its own storage link, bytes identical and counted on
+    that veth, each round trip held at least twice the delay."""
+    delay = 0.01
+    with Rig(storage="1gbit") as rig:
+        ready = threading.Event()
+        peers: list[str] = []
+
+        def sto_side() -> None:
+            srv = socket.create_server((rig.storage_ip, 6800))
+            ready.set()
+            for _ in range(2):
+                c, peer = srv.accept()
+                peers.append(peer[0])
+                while chunk := c.recv(1 << 16):
+                    c.sendall(chunk)
+                c.close()
+            srv.close()
+        t = _in(rig, "sto", sto_side)
+        assert ready.wait(10)
+        rig.delay_storage([6800, 6801], delay)
+        payload = os.urandom(1 << 20)
+        for host, link in (("src", "storage-src"), ("dst", "storage-dst")):
+            def client() -> tuple[bytes, list[float]]:
+                s = socket.create_connection((rig.storage_ip, 6800), timeout=30)
+                rtts = []
+                for _ in range(3):
+                    t0 = time.monotonic()
+                    s.sendall(b"ping")
+                    assert s.recv(4) == b"ping"
+                    rtts.append(time.monotonic() - t0)
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                back = bytearray()
+                while chunk := s.recv(1 << 16):
+                    back += chunk
+                s.close()
+                return bytes(back), rtts
+            before = rig.tx_bytes(link)
+            back, rtts = rig.in_ns(host, client)
+            after = rig.tx_bytes(link)
+            assert back == payload
+            assert min(rtts) >= 2 * delay
+            assert after[host] - before[host] >= len(payload)
+            assert after["sto"] - before["sto"] >= len(payload)
+            print(f"\n{host}: round trips through the {delay * 1000:g} ms storage relay "
+                  f"{[round(r * 1000, 2) for r in rtts]} ms")
+        t.join(10)
+        # the server saw each client's own storage-link address
+        assert peers == [rig.ip("src", "storage-src"), rig.ip("dst", "storage-dst")]
+        relays = list(rig.relays)
+        assert len(relays) == 2
+    assert all(p.poll() is not None for p in relays)   # close stopped them
