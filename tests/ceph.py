@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from nbdserver import _die_with_parent, free_port
 
@@ -55,8 +55,8 @@ class CephCluster:
 
     pool = "rbd"
 
-    def __init__(self, base: str, addr: str = "127.0.0.1",
-                 prefix: tuple[str, ...] = ()) -> None:
+    def __init__(self, base: str, addr: str = "127.0.0.1", prefix: tuple[str, ...] = (),
+                 mon_port: int | None = None, osd_ports: tuple[int, int] | None = None) -> None:
         self.dir = base
         #: where the daemons listen, and the argv prefix that runs them (and
         #: this class's tools) on their host (tests/rig.py: the storage namespace)
@@ -65,7 +65,10 @@ class CephCluster:
         self.conf = os.path.join(base, "ceph.conf")
         self.keyring = os.path.join(base, "admin.keyring")
         self.fsid = str(uuid.uuid4())
-        self.mon_port = free_port()
+        self.mon_port = mon_port or free_port()
+        #: the OSD binds its messengers in this range (ms bind port min/max), so
+        #: that a relay can listen on every port a client may be sent to
+        self.osd_ports = osd_ports
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.osd_uuid = str(uuid.uuid4())
         #: seconds each step of the bootstrap took, for the report
@@ -93,6 +96,8 @@ class CephCluster:
 
     def _write_conf(self) -> None:
         d = self.dir
+        lo, hi = self.osd_ports or (0, 0)
+        ports = f"ms bind port min = {lo}\nms bind port max = {hi}\n" if self.osd_ports else ""
         with open(self.conf, "w") as f:
             f.write(f"""[global]
 fsid = {self.fsid}
@@ -121,7 +126,7 @@ osd crush chooseleaf type = 0
 [mon]
 mon data = {d}/mon/$cluster-$id
 [osd]
-osd data = {d}/osd/$cluster-$id
+{ports}osd data = {d}/osd/$cluster-$id
 keyring = {d}/osd/$cluster-$id/keyring
 osd objectstore = bluestore
 bluestore block path = {d}/osd/block
@@ -224,6 +229,12 @@ log file = {d}/log/client.$pid.log
                 pass
         self.procs.clear()
 
+    def client_ports(self) -> list[int]:
+        """Every port a client of this cluster may connect to (the monitor's
+        and the OSD's range; needs ``osd_ports``)."""
+        assert self.osd_ports is not None, "the OSD's ports are not fixed"
+        return [self.mon_port, *range(self.osd_ports[0], self.osd_ports[1] + 1)]
+
     # ---------------------------------------------------------------- images
 
     def uri(self, image: str, snap: str | None = None) -> str:
@@ -254,12 +265,12 @@ log file = {d}/log/client.$pid.log
 
 
 @contextmanager
-def ceph_cluster(addr: str = "127.0.0.1",
-                 prefix: tuple[str, ...] = ()) -> Iterator[CephCluster]:
+def ceph_cluster(addr: str = "127.0.0.1", prefix: tuple[str, ...] = (),
+                 **ports: Any) -> Iterator[CephCluster]:
     """A fresh cluster in a temporary directory on a real file system (bluestore
     opens its block file with O_DIRECT, which tmpfs refuses), torn down after."""
     base = tempfile.mkdtemp(prefix="memfs-ceph-", dir="/var/tmp")
-    c = CephCluster(base, addr, prefix)
+    c = CephCluster(base, addr, prefix, **ports)
     try:
         c.bootstrap()
         yield c

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -376,3 +377,63 @@ async def test_migrate_a_guest_with_its_volume_on_rbd(ceph_cluster, guest, shm,
             check_sum(guest, later, before)
             assert later.gen > after.gen
     assert PageMap.load(str(tmp_path / "vm.pagemap")).disks == [vol]
+
+
+# -- Ceph on the three-host rig, with delay on the storage links ----------------
+
+@pytest.mark.ceph
+@pytest.mark.slow
+def test_ceph_on_the_rig_through_the_storage_delay() -> None:
+    """The cluster on the rig's storage host, its clients on the source and the
+    destination hosts: with the storage relay (tests/rig.py delay_storage) in
+    front of every port the cluster's maps name, a write from the source and a
+    read from the destination are byte-identical, cross each host's own
+    storage link (kernel counters), and a 4 KiB read takes at least the
+    relay's round trip."""
+    import ceph
+    from rig import Rig
+    why = ceph.missing()
+    if why:
+        pytest.skip(why)
+    if not all(shutil.which(t) for t in ("ip", "tc", "nsenter")):
+        pytest.skip("the rig needs ip, tc and nsenter")
+    delay = 0.005
+    with Rig(storage="1gbit") as rig, ceph.ceph_cluster(
+            rig.storage_ip, tuple(rig.prefix("sto")), mon_port=3300,
+            osd_ports=(6800, 6807)) as c:
+        rig.delay_storage(c.client_ports(), delay)
+        c.create_image("rig", 16 << 20)
+        data = random.Random(7).randbytes(8 << 20)
+
+        def on(host: str, job) -> object:
+            def body() -> object:
+                import rados
+                import rbd
+                with rados.Rados(conffile=c.conf, rados_id="admin") as cl, \
+                        cl.open_ioctx(c.pool) as io, rbd.Image(io, "rig") as img:
+                    return job(img)
+            return rig.in_ns(host, body)
+
+        def write(img) -> None:
+            img.write(data, 0)
+            img.flush()
+
+        def read(img) -> tuple[bytes, list[float]]:
+            got = img.read(0, len(data))
+            times = []
+            for i in range(5):
+                t = time.monotonic()
+                assert img.read(i * 4096, 4096) == data[i * 4096:(i + 1) * 4096]
+                times.append(time.monotonic() - t)
+            return got, times
+
+        s0, d0 = rig.tx_bytes("storage-src"), rig.tx_bytes("storage-dst")
+        on("src", write)
+        got, times = on("dst", read)
+        s1, d1 = rig.tx_bytes("storage-src"), rig.tx_bytes("storage-dst")
+        assert got == data
+        assert s1["src"] - s0["src"] >= len(data)        # source -> storage
+        assert d1["sto"] - d0["sto"] >= len(data)        # storage -> destination
+        assert min(times) >= 2 * delay
+        print(f"\n4 KiB RBD reads through the {delay * 1000:g} ms storage relay: "
+              f"{[round(t * 1000, 2) for t in times]} ms")
