@@ -5,10 +5,10 @@ mount, ask it for its view (``save``) and read its stats; the file protocol
 (write one command line to ``control``; on failure the write fails and
 ``last_error`` says why) lives in one place.
 
-It also holds what an operator's commands need around a mount without
-going through it (a dead daemon answers nothing): the mount table, who maps a
-region (``/proc/*/maps``), aborting a dead FUSE connection, and the checks the
-daemon applies to a path a control command asks it to write.
+It also holds ``umount``, which works without the daemon when it must (a
+dead daemon answers nothing; the mount table, who maps a region and aborting
+a connection are memfs.mounttable), and the checks the daemon applies to a
+path a control command asks it to write.
 
 These calls block on FUSE I/O: from trio, run them in ``trio.to_thread``.
 """
@@ -20,16 +20,15 @@ import errno
 import json
 import os
 import stat
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from .mounttable import abort_connection, describe_mappers, find_mount, lexical, mappers
+
 __all__ = ["ControlError", "send", "load", "save", "stop", "read_stats", "mount_root",
-           "meta_path", "parse_line", "error_text", "MountEntry", "find_mount", "mappers",
-           "describe_mappers", "umount", "writable_target"]
+           "meta_path", "parse_line", "error_text", "umount", "writable_target"]
 
 META = ".memfs"
 
@@ -221,94 +220,7 @@ def _is_link(name: str, dir_fd: int) -> bool:
         return False
 
 
-# -- the mount table, mappings, dead connections ------------------------------------
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo."""
-
-    mountpoint: str
-    major: int
-    minor: int
-    fstype: str
-
-    @property
-    def is_memfs(self) -> bool:
-        return self.fstype == "fuse.memfs"
-
-
-def _unescape(field: str) -> str:
-    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, ch)
-    return field
-
-
-def _lexical(path: str | os.PathLike[str]) -> str:
-    """The absolute path of ``path`` with its parent's links resolved, without
-    touching ``path`` itself (a stat of a dead or hung mount would block)."""
-    p = os.path.abspath(os.fspath(path))
-    parent, name = os.path.split(p)
-    return os.path.join(os.path.realpath(parent), name) if name else p
-
-
-def find_mount(path: str | os.PathLike[str]) -> MountEntry | None:
-    """The mount on top at ``path`` (no stat of the mount itself)."""
-    want = _lexical(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if _unescape(parts[4]) != want:
-                continue
-            sep = parts.index("-", 6)
-            major, minor = (int(x) for x in parts[2].split(":"))
-            found = MountEntry(want, major, minor, parts[sep + 1])
-    return found
-
-
-def mappers(entry: MountEntry, exclude: Iterable[int] = ()) -> dict[int, tuple[str, set[str]]]:
-    """pid -> (command name, region files it maps) for every process that maps
-    a file of the mount, by device number (or by path, for a mapping made
-    through a name under the mount point)."""
-    skip = set(exclude) | {os.getpid()}
-    prefix = entry.mountpoint.rstrip("/") + "/"
-    out: dict[int, tuple[str, set[str]]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) in skip:
-            continue
-        try:
-            with open(f"/proc/{d}/maps") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue  # gone, or a kernel thread
-        names: set[str] = set()
-        for line in lines:
-            parts = line.split(None, 5)
-            if len(parts) < 6:
-                continue
-            maj, _, mnr = parts[3].partition(":")
-            try:
-                same_dev = (int(maj, 16), int(mnr, 16)) == (entry.major, entry.minor)
-            except ValueError:
-                same_dev = False
-            if same_dev or parts[5].startswith(prefix):
-                names.add(os.path.basename(parts[5].removesuffix(" (deleted)")))
-        if names:
-            try:
-                with open(f"/proc/{d}/comm") as f:
-                    comm = f.read().strip()
-            except OSError:
-                comm = "?"
-            out[int(d)] = (comm, names)
-    return out
-
-
-def describe_mappers(found: dict[int, tuple[str, set[str]]]) -> str:
-    """``ram0 is mapped by pid 12 (qemu-system-x86)`` for a message."""
-    regions = sorted(set().union(*(names for _, names in found.values())))
-    who = ", ".join(f"pid {pid} ({comm})" for pid, (comm, _) in sorted(found.items()))
-    return f"{', '.join(regions)} {'is' if len(regions) == 1 else 'are'} mapped by {who}"
-
+# -- unmounting (the mount table and mappers: memfs.mounttable) --------------------
 
 def _daemon_state(mountpoint: str, timeout: float) -> tuple[int | None, str]:
     """(pid, "alive" | "closed" | "hung" | "dead" | "denied"), from ``.memfs/pid`` read in
@@ -364,20 +276,6 @@ def _detach(mountpoint: str) -> None:
         raise ControlError(f"cannot detach {mountpoint}: {os.strerror(err)}")
 
 
-def _abort(entry: MountEntry) -> str:
-    """Abort the FUSE connection: its requests fail, nothing waits any more
-    (fusectl is mounted first if the system has not)."""
-    conns = "/sys/fs/fuse/connections"
-    if not os.path.exists(f"{conns}/{entry.minor}"):
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", conns], capture_output=True)
-    try:
-        with open(f"{conns}/{entry.minor}/abort", "w") as f:
-            f.write("1\n")
-        return f"aborted FUSE connection {entry.minor}"
-    except OSError as e:
-        return f"could not abort FUSE connection {entry.minor} ({e.strerror})"
-
-
 def umount(mountpoint: str | os.PathLike[str], *, force: bool = False,
            timeout: float = 60.0) -> str:
     """Unmount a memfs mount: stop its daemon cleanly, or clean up after a dead
@@ -389,7 +287,7 @@ def umount(mountpoint: str | os.PathLike[str], *, force: bool = False,
     own files on the mount and unmounts once the command's file is closed.
     """
     entry = find_mount(mountpoint)
-    mp = _lexical(mountpoint)
+    mp = lexical(mountpoint)
     if entry is None:
         raise ControlError(f"{mp} is not mounted")
     if not entry.is_memfs:
@@ -406,7 +304,7 @@ def umount(mountpoint: str | os.PathLike[str], *, force: bool = False,
         _detach(mp)
         return f"the daemon of {mp} is gone (its FUSE connection is closed): detached {mp}"
     if state != "alive":
-        did = _abort(entry)
+        did = abort_connection(entry)
         _detach(mp)
         who = "is gone" if state == "dead" else f"does not answer (not in {wait:g}s)"
         return f"the daemon of {mp} {who}: {did} and detached {mp}"

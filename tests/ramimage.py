@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+from memfs.mounttable import mounts_at
+
 PS = 4096
 MEMFS = [sys.executable, "-m", "memfs.cli"]
 
@@ -42,9 +44,7 @@ def memfs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Co
 
 
 def is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+    return bool(mounts_at(os.path.realpath(path)))
 
 
 @contextmanager

@@ -70,10 +70,7 @@ MODULES_OVER = {
     "memfs/fetcher.py": "issue 13: another engineer splits the fetcher this session",
     "memfs/disks/nbd.py": "issue 13: another engineer splits the NBD disk this session",
     "memfs/disks/nbd_proto.py": "issue 13: another engineer owns the NBD codec this session",
-    "memfs/control.py": "issue 13: being split (structure)",
-    "memfs/daemon.py": "issue 13: being split (structure)",
     "memfs/pagemap.py": "issue 13: being split (structure)",
-    "memfs/state.py": "issue 13: being split (structure)",
     "memfs/supervisor.py": "issue 13: being split (structure)",
 }
 

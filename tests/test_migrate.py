@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from memfs import control
+from memfs.mounttable import abort_connection, mounts_at
 from memfs.pagemap import PageMap, PageState
 from memfs.qemu import VM, file_backend, qemu_binary
 from memfs.qemu.guest import (GuestImage, GuestSum, expected_fill_md5,
@@ -56,12 +57,8 @@ trio.run(Daemon(opts).run)
 
 def fuse_abort(mnt: Path) -> None:
     """Abort the FUSE connection of ``mnt`` (a hung daemon cannot hang us)."""
-    with open("/proc/self/mountinfo") as f:
-        devs = [line.split()[2] for line in f if line.split()[4] == str(mnt)]
-    for dev in devs:
-        conn = Path("/sys/fs/fuse/connections") / dev.split(":")[1]
-        if conn.exists():
-            (conn / "abort").write_text("1\n")
+    for entry in mounts_at(mnt):
+        abort_connection(entry)
     subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=10)
 
 

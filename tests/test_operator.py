@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from memfs import control
 from memfs.control import ControlError, parse_line
+from memfs.mounttable import find_mount
 from ramimage import PS, is_mounted, make_ram, memfs, mounted
 
 pytestmark = [pytest.mark.mount, pytest.mark.usefixtures("needs_fuse")]
@@ -222,7 +223,7 @@ def test_umount_aborts_a_daemon_that_does_not_answer(small, tmp_path) -> None:
     pm, _ = small
     mnt, log = str(tmp_path / "mnt"), str(tmp_path / "log")
     with daemon(mnt, pm, "--no-prefetch", log=log) as pid:
-        entry = control.find_mount(mnt)
+        entry = find_mount(mnt)
         assert entry is not None and entry.fstype == "fuse.memfs"
         os.kill(pid, signal.SIGSTOP)
         try:

@@ -20,8 +20,9 @@ from typing import Iterator
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from memfs.mounttable import abort_connection, mounts_at
 from memfs.pagemap import PageMap, PageState
-from memfs.state import HEADER, RECORD, Journal, StateError, replay
+from memfs.journal import HEADER, RECORD, Journal, StateError, replay
 from memfs.supervisor import ask
 from nbdserver import nbdkit_server
 from ramimage import MEMFS, PS, drop_caches, is_mounted, memfs
@@ -30,12 +31,8 @@ MIB = 1 << 20
 
 
 def fuse_abort(mnt: str) -> None:
-    with open("/proc/self/mountinfo") as f:
-        devs = [line.split()[2] for line in f if line.split()[4] == os.path.realpath(mnt)]
-    for dev in devs:
-        conn = Path("/sys/fs/fuse/connections") / dev.split(":")[1]
-        if conn.exists():
-            (conn / "abort").write_text("1\n")
+    for entry in mounts_at(os.path.realpath(mnt)):
+        abort_connection(entry)
     subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 

@@ -11,7 +11,8 @@ import sys
 import trio
 
 from .. import supervisor
-from ..daemon import Daemon, MountOptions, check_mountpoint
+from ..daemon import Daemon
+from ..mountopts import MountOptions, check_mountpoint
 from ..detach import Ready, run_detached
 from ..logs import RUN_DIR, open_log, setup_logging
 from ..pagemap import PageMap
