@@ -150,6 +150,105 @@ async def test_restore_once_and_four_clones(guest: GuestImage, saved: Saved,
         umount(mnt)
 
 
+#: a NIC the clones must replace: on q35 it needs a hotpluggable slot
+NIC_MAC = "52:54:00:12:34:56"
+NIC_ON_PORT = ["-device", "pcie-root-port,id=rp0,chassis=1", "-netdev", "user,id=n0",
+               "-device", f"virtio-net-pci,netdev=n0,bus=rp0,id=net0,mac={NIC_MAC}"]
+NIC_ON_ROOT = ["-netdev", "user,id=n0", "-device", f"virtio-net-pci,netdev=n0,mac={NIC_MAC}"]
+
+
+async def guest_macs(vm: VM) -> list[str]:
+    """The addresses in the guest's /sys/class/net/*/address (but lo)."""
+    m = await vm.console.command("macs", r"^MACS(.*)", 30)
+    return [w.split("=", 1)[1] for w in m.group(1).split()]
+
+
+async def _snapshot_with_nic(image: GuestImage, where: Path, nic: list[str]) -> Path:
+    """A guest with a NIC whose driver is bound (the guest saw NIC_MAC), saved."""
+    ram, snap = where / "ram0", where / "snap"
+    with trio.fail_after(150):
+        cfg = guest_config(image, file_backend(ram, RAM), "nicsrc", fill_mib=8)
+        cfg.extra_args += nic + ["-device", "vmgenid,guid=auto"]
+        async with VM.start(cfg, where) as vm:
+            await vm.console.expect(r"^READY", 60)
+            assert await guest_macs(vm) == [NIC_MAC]
+            await snapshot(SnapshotOptions(qmp=None, rams=[("ram0", str(ram))],
+                                           volume=str(where / "snap.vol"), out=str(snap)),
+                           vm.qmp)
+    return snap
+
+
+@on_guest
+async def test_clones_see_new_macs(guest: GuestImage, shm: Path, tmp_path: Path) -> None:
+    """Four clones of a guest with a virtio NIC: each guest's own
+    /sys/class/net/eth0/address is the new MAC restore gave it (the NIC is
+    replugged after the resume), all differ from each other and from the
+    snapshot's; QEMU's rx filter agrees.  With --keep-mac the guest keeps the
+    saved MAC, which is what the device state alone gives it."""
+    snap = open_snapshot(str(await _snapshot_with_nic(guest, shm, NIC_ON_PORT)))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        with trio.fail_after(300):
+            assert ensure_mount(snap, str(mnt))
+            async with restore_clones(snap, str(mnt), 4, str(tmp_path), "nic") as vms:
+                seen = []
+                for vm in vms:
+                    ident = vm.config.ident
+                    print(f"{vm.config.name}: load {vm.config.load_s * 1000:.0f} ms, NIC "
+                          f"replaced in {vm.config.mac_s * 1000:.0f} ms: {ident.macs}")
+                    assert len(ident.macs) == 1
+                    with trio.fail_after(30):   # the guest probes the new NIC
+                        while (got := await guest_macs(vm)) != ident.macs:
+                            await trio.sleep(0.1)
+                    seen += got
+                    (f,) = await vm.qmp.execute("query-rx-filter")
+                    assert f["main-mac"] == ident.macs[0], f
+                assert len(set(seen)) == 4 and NIC_MAC not in seen, seen
+                await check_clone_mark(vms[0])
+            async with restore_clones(snap, str(mnt), 1, str(tmp_path), "keep",
+                                      keep_mac=True) as (vm,):
+                assert vm.config.ident.macs == []
+                assert await guest_macs(vm) == [NIC_MAC]
+    finally:
+        umount(mnt)
+
+
+async def check_clone_mark(vm: VM) -> None:
+    """The guest still answers after its NIC was swapped under it."""
+    await vm.console.command("mark after-nic", r"^MARK after-nic", 30)
+
+
+@on_guest
+async def test_nic_without_hotplug_is_refused(guest: GuestImage, shm: Path,
+                                              tmp_path: Path) -> None:
+    """A NIC on q35's root bus cannot be unplugged: refused in one line before
+    the device state is loaded; the mount the command made is unmounted."""
+    d = await _snapshot_with_nic(guest, shm, NIC_ON_ROOT)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    t = time.monotonic()
+    res = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "-m", "memfs.cli", "restore", str(d), "--mount", str(mnt),
+         "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120))
+    print(f"no hotplug: {(time.monotonic() - t) * 1000:.0f} ms: {res.stderr}")
+    assert res.returncode == 1 and res.stderr.splitlines() == [
+        "memfs: restore failed: NIC memfs-nic0 is on a bus without hotplug, so the guest "
+        "cannot be given its new MAC (put it on a pcie-root-port on q35, or restore with "
+        "--keep-mac)"], res.stderr
+    assert not os.path.ismount(mnt)
+    pid = int((tmp_path / "run" / "clone0.pid").read_text())
+    for _ in range(50):   # the QEMU it started was killed (gone, or a zombie)
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+                break
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        await trio.sleep(0.1)
+    else:
+        raise AssertionError(f"QEMU {pid} still runs")
+
+
 def _copy(saved: Saved, to: Path) -> Path:
     shutil.copytree(saved.dir, to, ignore=shutil.ignore_patterns("run", "*.trace*"))
     return to

@@ -19,7 +19,7 @@ from typing import NoReturn, Sequence
 
 from .. import __version__
 from ..logs import setup_logging
-from ..qemu import restore as restore_cmd  # its CLI part still lives beside the restore
+from ..qemu import restore_cli as restore_cmd  # the command line of qemu/restore.py
 from ..qemu import snapshot as snapshot_cmd  # likewise (qemu/snapshot.py)
 from ..report import error_line, is_expected, unwrap
 from . import capture, index, load, migrate, mount, save, stats, umount

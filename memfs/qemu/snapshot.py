@@ -41,10 +41,12 @@ from ..pagemap import PageMap
 from ..snapshot import (DEVICES, PAGEMAP, Manifest, SnapshotError, check_new_volume,
                         rebase_volume)
 from .passes import MountPasses, PassError, ReadPasses
+from .props import join_props, parse_props
 from .plain import MigrationWatch, set_capabilities
 from .qmp import QMP, QMPError
 
-__all__ = ["SnapshotOptions", "snapshot", "qemu_pid", "find_backends", "add_parser"]
+__all__ = ["SnapshotOptions", "snapshot", "qemu_pid", "find_backends", "add_parser",
+           "parse_props", "join_props"]
 
 
 @dataclass
@@ -79,34 +81,6 @@ def qemu_pid(qmp: QMP) -> int:
 def qemu_argv(pid: int) -> list[str]:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return [a.decode() for a in f.read().split(b"\0")[:-1]]
-
-
-def parse_props(arg: str) -> list[tuple[str, str]]:
-    """``a=b,c=d`` (with ``,,`` for a comma) as pairs; a bare first word is
-    ("", word) — the driver or qom-type."""
-    parts, cur, i = [], "", 0
-    while i < len(arg):
-        if arg[i] == ",":
-            if arg[i + 1:i + 2] == ",":
-                cur += ","
-                i += 2
-                continue
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += arg[i]
-        i += 1
-    parts.append(cur)
-    out = []
-    for p in parts:
-        k, eq, v = p.partition("=")
-        out.append((k, v) if eq else ("", k))
-    return out
-
-
-def join_props(props: Sequence[tuple[str, str]]) -> str:
-    return ",".join(v.replace(",", ",,") if not k else f"{k}={v.replace(',', ',,')}"
-                    for k, v in props)
 
 
 def find_backends(argv: Sequence[str], rams: Sequence[tuple[str, str]]) -> dict[str, dict[str, Any]]:
