@@ -30,7 +30,6 @@ only if no process maps a region (the daemon's own rule).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -41,11 +40,11 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from .state import State, StateError, default_dir
-from .takeover import TakeoverError, Takeover, connection_alive, detach, mount_fuse, read_init
+from .state import State
+from .takeover import connection_alive, detach
 
 log = logging.getLogger("memfs.supervisor")
 
@@ -125,7 +124,7 @@ class Supervisor:
 
     def spawn(self) -> Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-m", "memfs.supervisor", "--state", self.state.path,
+        argv = [sys.executable, "-m", "memfs.supervised", "--state", self.state.path,
                 "--fuse-fd", str(self.fuse_fd), "--chan", str(theirs.fileno())]
         if self.log_path:
             argv += ["--log", self.log_path]
@@ -392,168 +391,6 @@ def ask(state_dir: str, line: str, timeout: float = 120) -> str:
     return text
 
 
-# -- the daemon child -------------------------------------------------------------------
-
-def _saved_options(opts: Any) -> dict[str, Any]:
-    """MountOptions fields worth keeping in meta.json (plain values only)."""
-    out = {}
-    for f in fields(opts):
-        v = getattr(opts, f.name)
-        if f.name in ("pagemap", "mountpoint", "regions", "state_dir"):
-            continue
-        if v is None or isinstance(v, (str, int, float, bool)) or \
-                (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-            out[f.name] = v
-    return out
-
-
-def serve_child(state_dir: str, fuse_fd: int, chan_fd: int) -> int:
-    """A daemon under the supervisor (``python -m memfs.supervisor``)."""
-    import trio
-
-    from .daemon import Daemon, MountOptions
-    chan = socket.socket(fileno=chan_fd)
-    try:
-        state = State.open(state_dir)
-    except StateError as e:
-        chan.send(f"error {e}".encode())
-        return 1
-    chan.send(b"prepared")
-    msg = chan.recv(1 << 16)
-    if not msg.startswith(b"G"):
-        return 0  # the supervisor went away, or dropped this standby
-    flags, init_msg = msg[1], msg[2:]
-    try:
-        known = {f.name for f in fields(MountOptions)}
-        extra = {k: v for k, v in state.meta.get("options", {}).items() if k in known}
-        pm = state.load_pagemap()
-        if pm is not None:
-            extra["new"] = False  # a source mount's map was made by its first daemon
-        opts = MountOptions(mountpoint=state.mountpoint, regions=state.regions, pagemap=pm,
-                            store_dir=state.store_dir, state_dir=state.path, **extra)
-        state.resumed = bool(flags & F_RESUMED)
-        daemon = Daemon(opts)
-        daemon.state = state
-        daemon.pages.journal = state.open_journal()
-        daemon.takeover = Takeover(fuse_fd, init_msg, resend=bool(flags & F_RESEND))
-        daemon.fs.on_init = daemon.takeover.on_init
-    except Exception as e:
-        log.exception("daemon could not start")
-        chan.send(f"error {e}".encode())
-        return 1
-
-    def ready() -> None:
-        chan.send(f"ready {os.getpid()}".encode())
-
-    try:
-        trio.run(daemon.run, ready)
-    except Exception as e:
-        log.exception("daemon failed")
-        try:
-            chan.send(f"error {e}".encode())
-        except OSError:
-            pass
-        return 1
-    finally:
-        state.close()
-    return 0
-
-
-# -- the command line: memfs mount --state / --supervise / --resume ------------------------
-
-def mount(a: argparse.Namespace, build_options: Callable[[argparse.Namespace], Any],
-          check_mountpoint: Callable[[str], None]) -> int:
-    """``memfs mount`` with a state directory: print one line, exit 0 or 1."""
-    if a.resume:
-        state = State.open(a.resume)
-        if os.path.exists(os.path.join(state.path, SOCKET)):
-            try:
-                reply = ask(state.path, "restart")
-            except SupervisorError:
-                reply = ""
-            if reply:
-                print(f"memfs: daemon of {state.mountpoint} restarted ({reply[3:]})")
-                return 0
-        state.lock()
-        resumed = True
-    else:
-        if a.mountpoint is None:
-            raise SupervisorError("no mount point given")
-        opts = build_options(a)
-        if opts.pagemap is None and not opts.regions:
-            raise SupervisorError("nothing to serve: no page map and no --region")
-        sizes = ({r.name: r.size for r in opts.pagemap.regions} if opts.pagemap
-                 else dict(opts.regions))
-        check_mountpoint(opts.mountpoint)
-        state = State.create(a.state or default_dir(opts.mountpoint), opts.mountpoint,
-                             sizes, _saved_options(opts))
-        if opts.pagemap is not None:
-            state.save_pagemap(opts.pagemap)
-        resumed = False
-    try:
-        code = _supervise(a, state, resumed, check_mountpoint)
-    except BaseException:
-        if not resumed:
-            state.discard()  # nothing served: the same command can run again
-        raise
-    if code and not resumed:
-        state.discard()
-    return code
-
-
-def _supervise(a: argparse.Namespace, state: State, resumed: bool,
-               check_mountpoint: Callable[[str], None]) -> int:
-    mp = state.mountpoint
-    check_mountpoint(mp)
-    meta_opts = state.meta.get("options", {})
-    try:
-        fuse_fd = mount_fuse(mp, allow_other=bool(meta_opts.get("allow_other")),
-                             max_read=meta_opts.get("max_read"))
-    except TakeoverError as e:
-        raise SupervisorError(str(e)) from None
-    os.set_inheritable(fuse_fd, True)
-    try:
-        init_msg = read_init(fuse_fd)
-    except (OSError, TakeoverError) as e:
-        detach(mp)
-        raise SupervisorError(f"{mp}: {e}") from None
-    logfile = a.log or (None if a.foreground else os.path.join(state.path, "memfs.log"))
-    sup = Supervisor(state, fuse_fd, init_msg, resumed=resumed, log_path=logfile,
-                     debug=a.debug)
-    if a.foreground:
-        from .logs import setup_logging
-        setup_logging(a.debug, logfile)
-        return sup.run(lambda pid: log.info("serving %s (daemon %s)", mp, pid))
-    return _background(sup, logfile or "", a.debug)
-
-
-def _background(sup: Supervisor, logfile: str, debug: bool) -> int:
-    """Run the supervisor detached; report the first daemon's start here."""
-    from .detach import run_detached
-    if not os.path.exists(logfile):
-        from .fileio import PRIVATE, create_new
-        os.close(create_new(logfile, PRIVATE, os.O_WRONLY))
-    ok, msg = run_detached(sup.run, logfile, debug)
-    if ok:
-        print(f"memfs: mounted {sup.state.mountpoint} (daemon {msg}, "
-              f"state {sup.state.path}, log {logfile})")
-        return 0
-    print(f"memfs: mount failed: {msg or 'supervisor died; see ' + logfile}", file=sys.stderr)
-    return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="memfs.supervisor", description="a supervised daemon")
-    p.add_argument("--state", required=True)
-    p.add_argument("--fuse-fd", type=int, required=True)
-    p.add_argument("--chan", type=int, required=True)
-    p.add_argument("--log")
-    p.add_argument("--debug", action="store_true")
-    a = p.parse_args(argv)
-    from .logs import setup_logging
-    setup_logging(a.debug, a.log)
-    return serve_child(a.state, a.fuse_fd, a.chan)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a supervisor started before the daemon moved to memfs.supervised
+    from . import supervised
+    sys.exit(supervised.main())

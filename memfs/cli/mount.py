@@ -4,21 +4,29 @@ detached, or under a supervisor that holds its FUSE connection."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import stat
 import sys
+from dataclasses import fields
+from typing import Any
 
 import trio
 
-from .. import supervisor
 from ..daemon import Daemon
 from ..mountopts import MountOptions, check_mountpoint
 from ..detach import Ready, run_detached
+from ..fileio import PRIVATE, create_new
 from ..logs import RUN_DIR, open_log, setup_logging
 from ..pagemap import PageMap
 from ..report import parse_size
+from ..state import State, default_dir
+from ..supervisor import SOCKET, Supervisor, SupervisorError, ask
+from ..takeover import TakeoverError, detach, mount_fuse, read_init
 from ..trace import Trace
 from .common import UsageError, option
+
+log = logging.getLogger("memfs.supervisor")
 
 
 def _octal_mode(text: str) -> int:
@@ -74,7 +82,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
             and a.mountpoint is None:
         a.pagemap, a.mountpoint = None, a.pagemap
     if a.state or a.supervise or a.resume:  # a connection that outlives the daemon
-        return supervisor.mount(a, mount_options, check_mountpoint)
+        return _mount_supervised(a)
     if a.mountpoint is None:
         raise UsageError("no mount point given")
     opts = mount_options(a)
@@ -109,6 +117,97 @@ def _daemonize(opts: MountOptions, a: argparse.Namespace) -> int:
         print(f"memfs: mounted {opts.mountpoint} (pid {msg}, log {logfile})")
         return 0
     print(f"memfs: mount failed: {msg or 'daemon died; see ' + logfile}", file=sys.stderr)
+    return 1
+
+
+# -- with a state directory: a supervisor holds the connection -----------------------
+
+def _saved_options(opts: Any) -> dict[str, Any]:
+    """MountOptions fields worth keeping in meta.json (plain values only)."""
+    out = {}
+    for f in fields(opts):
+        v = getattr(opts, f.name)
+        if f.name in ("pagemap", "mountpoint", "regions", "state_dir"):
+            continue
+        if v is None or isinstance(v, (str, int, float, bool)) or \
+                (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            out[f.name] = v
+    return out
+
+
+def _mount_supervised(a: argparse.Namespace) -> int:
+    """``memfs mount`` with a state directory: print one line, exit 0 or 1."""
+    if a.resume:
+        state = State.open(a.resume)
+        if os.path.exists(os.path.join(state.path, SOCKET)):
+            try:
+                reply = ask(state.path, "restart")
+            except SupervisorError:
+                reply = ""
+            if reply:
+                print(f"memfs: daemon of {state.mountpoint} restarted ({reply[3:]})")
+                return 0
+        state.lock()
+        resumed = True
+    else:
+        if a.mountpoint is None:
+            raise SupervisorError("no mount point given")
+        opts = mount_options(a)
+        if opts.pagemap is None and not opts.regions:
+            raise SupervisorError("nothing to serve: no page map and no --region")
+        sizes = ({r.name: r.size for r in opts.pagemap.regions} if opts.pagemap
+                 else dict(opts.regions))
+        check_mountpoint(opts.mountpoint)
+        state = State.create(a.state or default_dir(opts.mountpoint), opts.mountpoint,
+                             sizes, _saved_options(opts))
+        if opts.pagemap is not None:
+            state.save_pagemap(opts.pagemap)
+        resumed = False
+    try:
+        code = _supervise(a, state, resumed)
+    except BaseException:
+        if not resumed:
+            state.discard()  # nothing served: the same command can run again
+        raise
+    if code and not resumed:
+        state.discard()
+    return code
+
+
+def _supervise(a: argparse.Namespace, state: State, resumed: bool) -> int:
+    mp = state.mountpoint
+    check_mountpoint(mp)
+    meta_opts = state.meta.get("options", {})
+    try:
+        fuse_fd = mount_fuse(mp, allow_other=bool(meta_opts.get("allow_other")),
+                             max_read=meta_opts.get("max_read"))
+    except TakeoverError as e:
+        raise SupervisorError(str(e)) from None
+    os.set_inheritable(fuse_fd, True)
+    try:
+        init_msg = read_init(fuse_fd)
+    except (OSError, TakeoverError) as e:
+        detach(mp)
+        raise SupervisorError(f"{mp}: {e}") from None
+    logfile = a.log or (None if a.foreground else os.path.join(state.path, "memfs.log"))
+    sup = Supervisor(state, fuse_fd, init_msg, resumed=resumed, log_path=logfile,
+                     debug=a.debug)
+    if a.foreground:
+        setup_logging(a.debug, logfile)
+        return sup.run(lambda pid: log.info("serving %s (daemon %s)", mp, pid))
+    return _background(sup, logfile or "", a.debug)
+
+
+def _background(sup: Supervisor, logfile: str, debug: bool) -> int:
+    """Run the supervisor detached; report the first daemon's start here."""
+    if not os.path.exists(logfile):
+        os.close(create_new(logfile, PRIVATE, os.O_WRONLY))
+    ok, msg = run_detached(sup.run, logfile, debug)
+    if ok:
+        print(f"memfs: mounted {sup.state.mountpoint} (daemon {msg}, "
+              f"state {sup.state.path}, log {logfile})")
+        return 0
+    print(f"memfs: mount failed: {msg or 'supervisor died; see ' + logfile}", file=sys.stderr)
     return 1
 
 
