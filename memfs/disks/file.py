@@ -1,7 +1,10 @@
-"""File back end: a regular file or block device, read with pread in threads.
+"""File back end: a regular file or block device.
 
-Blocking I/O never runs on the trio loop: every call goes through
-``trio.to_thread`` so that one slow read does not stall every FUSE request.
+Blocking I/O never runs on the trio loop.  A read-only disk is read with
+O_DIRECT through Linux AIO (memfs.disks.direct): no thread, no second copy
+of the volume in the page cache; where O_DIRECT is refused (tmpfs), or for a
+writable disk, reads and writes go through ``trio.to_thread`` so that one
+slow call does not stall every FUSE request.
 Only regular files and block devices are disks: anything else (a FIFO, a
 socket, a character device, a directory) is refused at open, before it is
 opened for real, because opening a FIFO blocks until a writer comes and
@@ -10,6 +13,7 @@ opening a device may have side effects.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -17,6 +21,7 @@ import trio
 
 from ..fileio import nowait_pread, pread_into, pwrite_all
 from .base import Disk, DiskError, DiskURI
+from .direct import DirectReader
 
 
 class FileDisk(Disk):
@@ -26,6 +31,8 @@ class FileDisk(Disk):
         self.size = size
         self._writable = writable
         self._limiter = trio.CapacityLimiter(16)
+        #: reads with no thread hand-off (O_DIRECT + AIO); a read-only disk only
+        self._direct = None if writable else DirectReader.open(fd)
 
     @classmethod
     async def open(cls, parsed: DiskURI, *, writable: bool = False,
@@ -81,6 +88,16 @@ class FileDisk(Disk):
                             f"the end ({self.size} bytes)")
         if self._fd < 0:
             raise DiskError(f"{self.uri}: disk is closed")
+        direct = self._direct
+        if direct is not None and direct.fits(offset, length):
+            got, res = await direct.read(offset, length)
+            if res == length:
+                return got  # type: ignore[return-value]  # a view of a large read
+            if res < 0 and res != -errno.EINVAL:
+                raise DiskError(f"{self.uri}: read at {offset}: {os.strerror(-res)}")
+            if res == -errno.EINVAL:  # this file refuses O_DIRECT after all
+                self._direct = None
+            # short (the end of the file): the buffered read below says how short
         data = nowait_pread(self._fd, offset, length)
         if data is not None:
             return data
@@ -135,6 +152,9 @@ class FileDisk(Disk):
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
 
 #: what a path that is not a disk is, for the one-line refusal
