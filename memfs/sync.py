@@ -147,25 +147,11 @@ class VolumeSync:
         one volume write request batch for all of them."""
         pages = self.pages
         assert pages.pagemap is not None
-        region = pages.pagemap.region(name)
-        ps = region.page_size
+        ps = pages.pagemap.region(name).page_size
         dirty = pages.dirty
-        todo: list[tuple[int, int]] = []
-        async with pages.lock(name):
-            for first, last in runs:
-                bits = dirty.bits[name]
-                a = bits.find(1, first, last)
-                if a < 0:
-                    continue
-                b = bits.rfind(1, first, last) + 1
-                dirty.clear(name, a, b)
-                todo.append((a, b))
+        todo = await self._take_dirty(name, runs)
         if not todo:
             return 0
-        if self.record is not None:
-            rec = self.record.setdefault(name, [])
-            for a, b in todo:
-                rec.extend(range(a, b))
 
         def undo() -> None:  # under the lock: copy them again next time
             for a, b in todo:
@@ -186,28 +172,57 @@ class VolumeSync:
             async with pages.lock(name):
                 undo()
             raise
-        vol = pages.pagemap.disk_index(self.volume.uri)
-        n = 0
         async with pages.lock(name):
-            changed = self.changed[name] if self.changed is not None else None
-            for (a, b), data in zip(todo, datas):
-                view = memoryview(data)
-                n += b - a
-                for i, p in enumerate(range(a, b)):
-                    if region.states[p] != PageState.LOCAL or dirty.is_dirty(name, p):
-                        continue  # written again meanwhile: copied again later
-                    if changed is not None:
-                        changed[p] = 1
-                    page = view[i * ps:(i + 1) * ps]
-                    csum = checksum(page)
-                    if csum == ZERO_CHECKSUM and page == ZERO_PAGE:
-                        region.set_zero(p)  # written back as zeros: a zero page again
-                        continue
-                    region.disks[p] = vol
-                    region.offsets[p] = voff + p * ps
-                    region.checksums[p] = csum
+            n = self._copied(name, todo, datas)
         self.stats.add("sync_pages", n)
         self.stats.add("sync_bytes", n * ps)
+        return n
+
+    async def _take_dirty(self, name: str, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The dirty span [a, b) of each run, its dirty bits cleared (a WRITE
+        from now on marks its page again)."""
+        dirty = self.pages.dirty
+        todo: list[tuple[int, int]] = []
+        async with self.pages.lock(name):
+            for first, last in runs:
+                bits = dirty.bits[name]
+                a = bits.find(1, first, last)
+                if a < 0:
+                    continue
+                b = bits.rfind(1, first, last) + 1
+                dirty.clear(name, a, b)
+                todo.append((a, b))
+        if todo and self.record is not None:
+            rec = self.record.setdefault(name, [])
+            for a, b in todo:
+                rec.extend(range(a, b))
+        return todo
+
+    def _copied(self, name: str, todo: list[tuple[int, int]], datas: list[bytes]) -> int:
+        """Under the lock: the copied pages now live on the volume, unless
+        written again meanwhile (copied again later).  Returns the pages copied."""
+        pm = self.pages.pagemap
+        assert pm is not None
+        region, dirty = pm.region(name), self.pages.dirty
+        ps, voff, vol = region.page_size, self.voff[name], pm.disk_index(self.volume.uri)
+        changed = self.changed[name] if self.changed is not None else None
+        n = 0
+        for (a, b), data in zip(todo, datas):
+            view = memoryview(data)
+            n += b - a
+            for i, p in enumerate(range(a, b)):
+                if region.states[p] != PageState.LOCAL or dirty.is_dirty(name, p):
+                    continue  # written again meanwhile: copied again later
+                if changed is not None:
+                    changed[p] = 1
+                page = view[i * ps:(i + 1) * ps]
+                csum = checksum(page)
+                if csum == ZERO_CHECKSUM and page == ZERO_PAGE:
+                    region.set_zero(p)  # written back as zeros: a zero page again
+                    continue
+                region.disks[p] = vol
+                region.offsets[p] = voff + p * ps
+                region.checksums[p] = csum
         return n
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,8 +140,10 @@ async def test_capture_references_guest_disk(guest: GuestImage, shm: Path,
 
 
 def test_bench_index_smoke(guest: GuestImage) -> None:
-    """tools/bench-index runs and reports the saving (small sizes)."""
-    res = subprocess.run([str(Path(__file__).resolve().parents[1] / "tools" / "bench-index"),
+    """tools/bench-index runs and reports the saving (small sizes); with this
+    Python (the venv's), not whatever ``python3`` its #! line finds on PATH."""
+    res = subprocess.run([sys.executable,
+                          str(Path(__file__).resolve().parents[1] / "tools" / "bench-index"),
                           "--disk", "16", "--fill", "8", "--ram", "160", "--json", "-"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -149,10 +149,6 @@ class QMP:
                 self._event_arrived = trio.Event() if self._event_arrived.is_set() else self._event_arrived
                 await self._event_arrived.wait()
 
-    def clear_events(self) -> None:
-        """Forget the events not yet waited for (``events`` keeps the history)."""
-        self._unconsumed.clear()
-
     # -- internals --------------------------------------------------------
 
     async def _read_message(self) -> dict[str, Any]:
