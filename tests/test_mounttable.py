@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from hypothesis import given, strategies as st
 
@@ -42,3 +43,14 @@ def test_lexical_does_not_resolve_the_last_name(tmp_path) -> None:
     os.symlink("/proc", tmp_path / "link")
     assert lexical(tmp_path / "link") == os.path.join(os.path.realpath(tmp_path), "link")
     assert find_mount(tmp_path / "link") is None
+
+
+def test_one_reader_of_the_mount_table() -> None:
+    """memfs, its tests and its tools read /proc/self/mountinfo only through
+    memfs.mounttable (issue 13: there were four parsers)."""
+    root = Path(__file__).resolve().parents[1]
+    readers = [str(p.relative_to(root)) for d in ("memfs", "tests", "tools")
+               for p in sorted((root / d).rglob("*")) if p.is_file()
+               and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc")
+               and "/proc/self/" + "mountinfo" in p.read_text(errors="replace")]
+    assert readers == ["memfs/mounttable.py", "tests/test_mounttable.py"]
