@@ -54,8 +54,9 @@ LAYERS = (
           never_reaches=("memfs.capture", "memfs.qemu.*", "memfs.cli.*"),
           why="capture asks the index, the index does not know capture"),
     Layer("serving side", SERVING,
-          never_reaches=("memfs.capture", "memfs.index.build", "memfs.index.referencer",
-                         "memfs.qemu.*", "memfs.cli.*"),
+          never_reaches=("memfs.capture", "memfs.capture_inputs", "memfs.capture_read",
+                         "memfs.index.build", "memfs.index.referencer", "memfs.qemu.*",
+                         "memfs.cli.*"),
           why="a mount serves pages; capturing, indexing and QEMU are other processes"),
 )
 
@@ -74,7 +75,9 @@ MODULES_OVER = {
     "memfs/disks/nbd_proto.py": "issue 13: another engineer owns the NBD codec this session",
 }
 
-#: functions still over MAX_FUNCTION_LINES: (file, function) -> why
+#: functions over MAX_FUNCTION_LINES: (file, function) -> why.  Declarative
+#: tables (an argparse parser, a dispatch table) may stand here for good; none
+#: needs to today: the rest are code still to be split
 FUNCTIONS_OVER = {
     ("memfs/fetcher.py", "fetch"): "issue 13: another engineer splits the fetcher",
     ("memfs/disks/nbd_proto.py", "receive_reply"): "issue 13: NBD codec, another engineer",
