@@ -366,6 +366,13 @@ async def test_restore_command_line(saved: Saved, tmp_path: Path) -> None:
         clones = out["clones"]
         pids = [c["pid"] for c in clones]
         assert len({c["vmgenid"] for c in clones}) == 2
+        t = out["t"]   # the command's steps, in order, in the host's monotonic clock
+        assert t["start"] <= t["checked"] <= t["mounted"] <= t["qemu_started"] <= t["resumed"]
+        assert t["resumed"] == max(c["t_cont"] for c in clones)
+        for c in clones:   # the console log has what the guest printed since the resume
+            with trio.fail_after(30):
+                while b"\nT " not in Path(c["console"]).read_bytes():
+                    await trio.sleep(0.1)
         for c in clones:
             async with QMP.connect(c["qmp"], timeout=10) as q:
                 assert (await q.execute("query-status"))["status"] == "running"

@@ -31,13 +31,16 @@ __all__ = ["cmd_restore", "add_parser"]
 
 
 async def _drive(clones: Sequence[dict[str, Any]], devices: str,
-                 nics: dict[str, list[Nic]]) -> None:
-    """Resume every clone at once; then give each its NICs' new MACs."""
+                 nics: dict[str, list[Nic]], mac_delay: float) -> None:
+    """Resume every clone at once; ``mac_delay`` seconds later give each its
+    NICs' new MACs (the guest's hotplug work then does not delay its first
+    steps after the resume)."""
     async def one(c: dict[str, Any]) -> None:
         async with QMP.connect(c["qmp"], timeout=10) as q:
             c["load_s"] = round(await resume_clone(q, devices, nics=nics[c["name"]]), 3)
             c["t_cont"] = time.monotonic()
             if nics[c["name"]]:
+                await trio.sleep(mac_delay)
                 c["mac_s"] = round(await replace_nics(q, nics[c["name"]]), 3)
     with unwrap_single():
         async with trio.open_nursery() as nursery:
@@ -106,7 +109,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
         t["mounted"] = time.monotonic()
         clones: list[dict[str, Any]] = []
         try:
-            _start_clones(snap, mnt, run_dir, names, clones, a.keep_mac, t)
+            _start_clones(snap, mnt, run_dir, names, clones, a.keep_mac, t, a.mac_delay)
         except BaseException:
             _undo(run_dir, clones, mnt if mounted else None)
             raise
@@ -126,7 +129,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
 
 
 def _start_clones(snap: Snapshot, mnt: str, run_dir: str, names: Sequence[str],
-                  clones: list[dict[str, Any]], keep_mac: bool, t: dict[str, float]) -> None:
+                  clones: list[dict[str, Any]], keep_mac: bool, t: dict[str, float],
+                  mac_delay: float = 0.0) -> None:
     """Start daemonized QEMUs, all at once (appended to ``clones`` as they
     are started), and resume them all."""
     procs, nics = [], {}
@@ -151,7 +155,7 @@ def _start_clones(snap: Snapshot, mnt: str, run_dir: str, names: Sequence[str],
     if failed:
         raise SnapshotError(failed[0])
     t["qemu_started"] = time.monotonic()
-    trio.run(_drive, clones, snap.devices, nics)
+    trio.run(_drive, clones, snap.devices, nics, mac_delay)
     t["resumed"] = max(c["t_cont"] for c in clones)
 
 
@@ -195,4 +199,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-mac", action="store_true",
                    help="the clones' NICs keep the snapshot's MACs (no replug: for a "
                         "guest without PCI hotplug, or NICs on a bus without it)")
+    p.add_argument("--mac-delay", type=float, default=0.5, metavar="S",
+                   help="seconds between the resume and the NIC replug (0.5): the guest's "
+                        "hotplug work would delay its first steps")
     p.set_defaults(func=cmd_restore)
