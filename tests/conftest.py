@@ -13,6 +13,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from daemonlog import (daemon_log_check, expect_log, pytest_configure,  # noqa: E402,F401
+                       pytest_runtest_makereport)
 from ramimage import make_ram  # noqa: E402
 
 

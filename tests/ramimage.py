@@ -14,6 +14,9 @@ from memfs.mounttable import mounts_at
 
 PS = 4096
 MEMFS = [sys.executable, "-m", "memfs.cli"]
+#: every daemon started by ``mounted`` (its log, its process): conftest's
+#: daemon_log_check fails a test whose daemon logged or exited unexpectedly
+DAEMONS: list[tuple[str, subprocess.Popen]] = []
 
 
 def make_ram(path: str, npages: int, seed: int = 1) -> bytes:
@@ -56,6 +59,7 @@ def mounted(pagemap: str | None, mountpoint: str, *extra: str,
     args = MEMFS + ["mount", "-f", "--log", log] + ([pagemap] if pagemap else []) \
         + [mountpoint] + list(extra)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    DAEMONS.append((log, proc))
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(os.path.join(mountpoint, ".memfs", "pid")):
@@ -67,8 +71,7 @@ def mounted(pagemap: str | None, mountpoint: str, *extra: str,
             time.sleep(0.02)
         yield proc
     finally:
-        if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
+        _unmount(mountpoint)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -76,6 +79,20 @@ def mounted(pagemap: str | None, mountpoint: str, *extra: str,
             proc.wait()
         if is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
+
+
+def _unmount(mountpoint: str) -> None:
+    """fusermount3 -u, again while the kernel says busy: the RELEASE of a
+    file closed a moment ago may not have reached the daemon yet (seen: busy
+    right after close, unmounted 0.5 s later); a daemon left mounted waits
+    forever and is killed."""
+    for _ in range(50):
+        if not is_mounted(mountpoint):
+            return
+        res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+        if res.returncode == 0 or "busy" not in res.stderr:
+            return
+        time.sleep(0.1)
 
 
 def _tail(path: str, n: int = 3000) -> str:

@@ -130,6 +130,9 @@ def stalled_server(kind: str, vol: str) -> Iterator[tuple[str, Callable[[], None
 @pytest.mark.usefixtures("needs_fuse")
 @pytest.mark.parametrize("how", ["mmap", "pread"])
 @pytest.mark.parametrize("kind", ["nbdkit-pause", "qemu-nbd-sigstop"])
+@pytest.mark.expect_log("is stalled; dropping it", "failed: timed out after",
+                        r"failed \(attempt 1\)", "GIVING UP", "read failed: ",
+                        "failed less than 2 s ago")
 def test_stalled_server_fails_the_read_at_the_deadline(tmp_path, kind: str, how: str) -> None:
     """timeout=3 with retries: the READ fails after ~3 s, not 4 x 3 x the kernel's re-send."""
     timeout = 3
@@ -371,6 +374,9 @@ async def test_hostile_replies_drop_the_connection_not_the_memory(tmp_path, name
 @pytest.mark.nbd
 @pytest.mark.usefixtures("needs_fuse")
 @pytest.mark.parametrize("name", ["huge-error-chunk", "huge-data-chunk"])
+@pytest.mark.expect_log(r"connection \d+ dropped: ", r"reconnected \(connection",
+                        "read of .* failed: ", r"failed \(attempt \d\)", "GIVING UP",
+                        "read failed: ", "failed less than 2 s ago")
 def test_hostile_server_behind_a_mount_keeps_daemon_memory_bounded(tmp_path, name) -> None:
     """Through the kernel: the READ gets EIO, the daemon's peak RSS barely moves."""
     reply, _ = HOSTILE[name]

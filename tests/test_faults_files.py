@@ -245,6 +245,7 @@ def test_files_are_0600_under_umask_000(tmp_path) -> None:
 
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
+@pytest.mark.expect_log("cannot write the working-set trace .*: is a symbolic link")
 def test_trace_at_unmount_does_not_follow_a_symlink(tmp_path, ram) -> None:
     path, data = ram
     pm = str(tmp_path / "pm")
@@ -326,6 +327,8 @@ def test_a_volume_holding_other_data_is_not_written(tmp_path, ram) -> None:
 
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
+@pytest.mark.expect_log("control command failed: load .* is not the volume the page map was "
+                        "captured to")
 def test_mount_and_load_refuse_a_recreated_volume(tmp_path, ram) -> None:
     path, data = ram
     vol, pm = str(tmp_path / "vol"), str(tmp_path / "pm")

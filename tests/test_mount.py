@@ -104,6 +104,8 @@ def test_shared_mapping_writes_survive_drop_caches(captured, tmp_path) -> None:
         assert read_stat(mnt, "writes") >= 1
 
 
+@pytest.mark.expect_log("CHECKSUM MISMATCH", "GIVING UP", "failed less than 2 s ago",
+                        "read failed: ", "prefetch: ")
 def test_corrupt_volume_page_is_eio_and_neighbours_are_served(tmp_path, ram) -> None:
     path, data = ram
     vol, pm_path = str(tmp_path / "vol"), str(tmp_path / "pm")
@@ -129,6 +131,7 @@ def test_corrupt_volume_page_is_eio_and_neighbours_are_served(tmp_path, ram) -> 
         assert "CHECKSUM MISMATCH" in log and "GIVING UP" in log
 
 
+@pytest.mark.expect_log("control command failed: load .*: a page map is already installed")
 def test_io_waits_for_the_page_map(tmp_path, ram) -> None:
     path, data = ram
     pm = str(tmp_path / "pm")

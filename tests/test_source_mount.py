@@ -156,6 +156,7 @@ def test_flush_survives_eviction(tmp_path) -> None:
                 assert f.read(PS) == data, p
 
 
+@pytest.mark.expect_log("control command failed: ")
 def test_rate_and_volume_errors(tmp_path, ram) -> None:
     path, data = ram
     res = memfs("mount", "--new", "ram0:4M", str(tmp_path), check=False)

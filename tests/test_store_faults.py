@@ -38,6 +38,7 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.mark.expect_log(r"refused open\(O_TRUNC\) of region ram0", "refused to resize inode")
 def test_region_cannot_be_truncated_and_nothing_is_dropped(tmp_path, ram) -> None:
     """Dirty pages written through a shared mapping survive open(O_TRUNC),
     a shell redirect, cp, truncate(2) and ftruncate(2): each is EPERM."""
@@ -82,6 +83,8 @@ def test_region_cannot_be_truncated_and_nothing_is_dropped(tmp_path, ram) -> Non
     print(f"\nopen(O_TRUNC) refused with EPERM in {took * 1000:.1f} ms")
 
 
+@pytest.mark.expect_log("fetched pages not kept: .*No space left on device",
+                        "write failed: local store write failed: .*No space left on device")
 def test_full_store_fails_writes_with_enospc_and_reads_go_on(tmp_path, ram) -> None:
     path, data = ram
     pm = capture(tmp_path, path)
