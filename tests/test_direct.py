@@ -104,3 +104,22 @@ def test_aio_reports_errno_of_a_failed_read(disk_file) -> None:
     with pytest.raises(ValueError) as e:
         aio.submit(0, aligned, 0, "x")
     assert str(e.value) == "AIO context is closed"
+
+
+async def test_reads_in_order_are_answered_from_the_read_ahead(disk_file) -> None:
+    """Sequential reads (with gaps, as zero pages leave them, and reads
+    across a window's end) return the file's bytes, most from the windows."""
+    path, data = disk_file
+    d = await FileDisk.open(parse_uri(path))
+    off, n, i = 0, 128 << 10, 0
+    while off + n <= SIZE:
+        got = await d.read(off, n)
+        assert bytes(got) == data[off:off + n], off
+        i += 1
+        off += n + (8192 if i % 5 == 0 else 0) - (4096 if i % 7 == 0 else 0)
+    s = d.stats()
+    assert s["direct_readahead_hits"] > i // 2, s
+    async with trio.open_nursery() as nursery:  # in order, several at once
+        for k in range(16):
+            nursery.start_soon(d.read, k * 65536, 65536)
+    await d.aclose()

@@ -33,6 +33,47 @@ ALIGN = 512
 SMALL = 128 << 10
 POOL = 16
 DEPTH = 256
+#: read-ahead windows: from RA_MIN, twice the last read, up to RA_MAX; at
+#: most RA_WINDOWS kept; a read this far past the last one is still in order
+RA_MIN, RA_MAX, RA_WINDOWS = 256 << 10, 4 << 20, 3
+GAP = 64 << 10
+#: only reads up to this size start read-ahead: larger ones come from the
+#: prefetcher (which reads its next batch itself) or from 1 MiB READs of a
+#: huge-page mapping (four to a touch, then elsewhere)
+RA_TRIGGER = 256 << 10
+
+
+class _Window:
+    """One read-ahead read: its bytes once the kernel has them."""
+
+    def __init__(self, start: int, end: int, key: int, buf: mmap.mmap) -> None:
+        self.start, self.end, self.key = start, end, key
+        self.view = memoryview(buf)
+        self.res: int | None = None
+        self.ready: trio.Event | None = None
+
+    async def wait(self, reader: "DirectReader") -> int:
+        """Bytes read into the window (or -errno); any number of waiters."""
+        if self.res is not None:
+            return self.res
+        if self.ready is not None:  # another task waits for the kernel
+            await self.ready.wait()
+            return self.res if self.res is not None else -1
+        self.ready = trio.Event()
+        try:
+            self.res = await reader._wait(self.key)
+        except BaseException:
+            reader.abandon(self.key)
+            self.res = -1
+            raise
+        finally:
+            self.ready.set()
+        return self.res
+
+    def drop(self, reader: "DirectReader") -> None:
+        """Forget the window; its read, if still in flight, is abandoned."""
+        if self.res is None and self.ready is None:
+            reader.abandon(self.key)
 
 
 class DirectReader:
@@ -47,6 +88,11 @@ class DirectReader:
         self._abandoned: set[int] = set()
         self._leading = False
         self._pool: list[mmap.mmap] = []
+        #: where the last read ended, and the read-ahead windows (oldest first)
+        self._next = -1
+        self._windows: list[_Window] = []
+        self.size = os.fstat(fd).st_size
+        self.stats = {"direct_readahead_hits": 0, "direct_readahead_bytes": 0}
 
     @classmethod
     def open(cls, fd: int) -> "DirectReader | None":
@@ -66,11 +112,51 @@ class DirectReader:
 
     def fits(self, offset: int, length: int) -> bool:
         return length > 0 and offset % ALIGN == 0 and length % ALIGN == 0 \
-            and self._aio.inflight < DEPTH
+            and self._aio.inflight < DEPTH - 2
 
     async def read(self, offset: int, length: int) -> tuple[bytes | memoryview, int]:
         """(data, bytes read or -errno).  Fewer bytes than ``length`` means
-        the end of the file (the caller decides what that is worth)."""
+        the end of the file (the caller decides what that is worth).
+
+        Read-ahead: O_DIRECT has none, and a guest touching its RAM in
+        order asks one window at a time (the FUSE file's read-ahead).  A read
+        that starts where the last one ended (or a short gap after: zero
+        pages are not on the volume) sends the next window ahead of it; a
+        read inside a window is answered from it."""
+        seq = 0 <= offset - self._next <= GAP and length <= RA_TRIGGER
+        self._next = offset + length
+        for w in self._windows:
+            if w.start <= offset and offset + length <= w.end:
+                res = await w.wait(self)
+                if res == w.end - w.start:
+                    self.stats["direct_readahead_hits"] += 1
+                    if seq:
+                        self._ahead(w.end, max(w.end - w.start, length))
+                    at = offset - w.start
+                    view = w.view[at:at + length]
+                    return (bytes(view) if length <= SMALL else view), length
+                break  # failed or short: read it plainly
+        if seq:
+            self._ahead(offset + length, length)
+        return await self._read(offset, length)
+
+    def _ahead(self, start: int, last: int) -> None:
+        """Send the window after ``start`` unless it is sent already."""
+        if any(w.start <= start < w.end for w in self._windows):
+            return
+        size = min(max(2 * last, RA_MIN), RA_MAX)
+        end = min(start + size, self.size - self.size % ALIGN)
+        if end - start < ALIGN or self._aio.inflight >= DEPTH - 2:
+            return
+        buf = mmap.mmap(-1, end - start)
+        key = next(self._keys)
+        self._aio.submit(self.fd, buf, start, key)
+        self.stats["direct_readahead_bytes"] += end - start
+        self._windows.append(_Window(start, end, key, buf))
+        while len(self._windows) > RA_WINDOWS:
+            self._windows.pop(0).drop(self)
+
+    async def _read(self, offset: int, length: int) -> tuple[bytes | memoryview, int]:
         small = length <= SMALL
         if small:
             buf = self._pool.pop() if self._pool else mmap.mmap(-1, SMALL)
@@ -82,7 +168,7 @@ class DirectReader:
         try:
             res = await self._wait(key)
         except BaseException:
-            self._abandoned.add(key)  # the kernel still writes into buf: never reuse it
+            self.abandon(key)  # the kernel may still write into buf: never reuse it
             raise
         if not small:
             return view, res
@@ -111,6 +197,11 @@ class DirectReader:
                 finally:
                     self._waiters.pop(key, None)
         return self._done.pop(key)
+
+    def abandon(self, key: int) -> None:
+        """Nobody wants the result of ``key`` any more."""
+        if self._done.pop(key, None) is None:
+            self._abandoned.add(key)
 
     def _reap(self) -> None:
         for key, res in self._aio.reap():

@@ -143,6 +143,9 @@ class FileDisk(Disk):
             except OSError as e:
                 raise DiskError(f"{self.uri}: fsync: {e.strerror}") from None
 
+    def stats(self) -> dict[str, int]:
+        return dict(self._direct.stats) if self._direct is not None else {}
+
     async def drop_cache(self) -> None:
         if self._fd >= 0:
             await trio.to_thread.run_sync(os.posix_fadvise, self._fd, 0, 0,
