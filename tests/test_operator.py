@@ -343,6 +343,7 @@ def test_control_refused_to_another_uid(small, open_dir) -> None:
         assert not os.path.exists(f"{open_dir}/view")
 
 
+@pytest.mark.expect_log("control command failed: ")
 def test_save_only_where_allowed(small, tmp_path, open_dir) -> None:
     pm, _ = small
     mnt = str(tmp_path / "mnt")
@@ -379,6 +380,7 @@ def test_save_only_where_allowed(small, tmp_path, open_dir) -> None:
         assert not os.path.exists("/tmp/memfs-op-view")
 
 
+@pytest.mark.expect_log("control command failed: ")
 def test_control_dir_is_the_only_place(small, tmp_path) -> None:
     pm, _ = small
     mnt, out = str(tmp_path / "mnt"), tmp_path / "out"
@@ -405,6 +407,7 @@ def test_parse_line_refuses_cleanly(line: str) -> None:
         assert os.path.isabs(arg) and arg.isprintable()
 
 
+@pytest.mark.expect_log("control command failed: ")
 def test_control_file_fuzz_never_hurts_the_daemon(small, tmp_path) -> None:
     pm, data = small
     mnt, log = str(tmp_path / "mnt"), str(tmp_path / "log")

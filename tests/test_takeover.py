@@ -228,6 +228,7 @@ def test_state_meta_is_refused_or_read(tmp_path_factory, raw: bytes) -> None:
 
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
+@pytest.mark.expect_log(r"daemon \d+ died \(", r"daemon died: daemon \d+ took over the connection")
 def test_mmap_writes_survive_repeated_sigkills(tmp_path, ram) -> None:
     path, data = ram
     pm = capture(tmp_path, path)
@@ -274,6 +275,7 @@ def test_mmap_writes_survive_repeated_sigkills(tmp_path, ram) -> None:
 @pytest.mark.mount
 @pytest.mark.nbd
 @pytest.mark.usefixtures("needs_fuse")
+@pytest.mark.expect_log(r"daemon \d+ died \(", r"daemon died: daemon \d+ took over the connection")
 def test_read_taken_by_a_dead_daemon_is_resent(tmp_path, ram) -> None:
     """A READ the daemon had taken (its fetch held by a paused server) when
     it was SIGKILLed is answered by the successor: FUSE_NOTIFY_RESEND."""
@@ -306,6 +308,8 @@ def test_read_taken_by_a_dead_daemon_is_resent(tmp_path, ram) -> None:
 
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
+# a restart asked for is logged as a WARNING (memfs.supervisor): reported as a bug
+@pytest.mark.expect_log(r"restart requested: daemon \d+ took over the connection")
 def test_live_upgrade_by_resume(tmp_path, ram) -> None:
     """``memfs mount --resume STATE`` while the supervisor runs: a new daemon
     takes over, the old one is gone, written pages are there."""
@@ -389,6 +393,7 @@ async def test_guest_survives_daemon_sigkills(guest, tmp_path: Path) -> None:
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGSEGV", "SIGABRT"])
+@pytest.mark.expect_log(r"daemon \d+ died \(", r"daemon died: daemon \d+ took over the connection")
 def test_acknowledged_write_survives_a_crash(tmp_path, ram, sig: str) -> None:
     """pwrite() returned, then the daemon dies at once (killed or crashed):
     the successor serves the written bytes after the page cache is dropped."""
@@ -444,6 +449,7 @@ def test_resume_after_supervisor_and_daemon_were_killed(tmp_path, ram) -> None:
 
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
+@pytest.mark.expect_log("^daemon failed$")
 def test_daemon_that_cannot_start_is_one_line_and_leaves_no_state(tmp_path, ram) -> None:
     path, _ = ram
     pm_path = capture(tmp_path, path)
