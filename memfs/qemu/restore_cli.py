@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import trio
 
+from ..report import parse_size
 from ..snapshot import SnapshotError
 from .nic import Nic, replace_nics
 from .props import join_props, parse_props
@@ -105,7 +106,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
                 print(shlex.join(clone_argv(snap, mnt, name,
                                             os.path.join(run_dir, name + ".qmp"), ident)))
             return 0
-        mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True, store=a.store)
+        mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True, store=a.store,
+                               prefetch=not a.no_prefetch, prefetch_rate=_rate(a))
         t["mounted"] = time.monotonic()
         clones: list[dict[str, Any]] = []
         try:
@@ -126,6 +128,15 @@ def cmd_restore(a: argparse.Namespace) -> int:
     except (SnapshotError, QMPError, OSError) as e:
         print(f"memfs: restore failed: {e or type(e).__name__}", file=sys.stderr)
         return 1
+
+
+def _rate(a: argparse.Namespace) -> float | None:
+    if a.prefetch_rate is None:
+        return None
+    try:
+        return float(parse_size(a.prefetch_rate))
+    except ValueError as e:
+        raise SnapshotError(f"--prefetch-rate {a.prefetch_rate}: {e}") from None
 
 
 def _start_clones(snap: Snapshot, mnt: str, run_dir: str, names: Sequence[str],
@@ -196,6 +207,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not fetch the snapshot's working-set trace first")
     p.add_argument("--store", metavar="DIR",
                    help="local store directory of the mount it makes (default: temporary)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="the mount it makes fetches only what the clones touch (its "
+                        "background completion competes with their first faults)")
+    p.add_argument("--prefetch-rate", metavar="BYTES/S",
+                   help="limit the background completion of the mount it makes (e.g. 100M)")
     p.add_argument("--keep-mac", action="store_true",
                    help="the clones' NICs keep the snapshot's MACs (no replug: for a "
                         "guest without PCI hotplug, or NICs on a bus without it)")
