@@ -332,16 +332,7 @@ async def receive_reply(reader: Reader, structured: bool,
     """
     (magic,) = struct.unpack(">I", await reader.exactly(4))
     if magic == SIMPLE_REPLY_MAGIC:
-        error, cookie = _SIMPLE.unpack(await reader.exactly(_SIMPLE.size))
-        req = _lookup(pending, cookie)
-        if structured and req.cmd == CMD_READ and not error:
-            raise NBDProtocolError("simple reply with data to a read after structured "
-                                   "replies were negotiated")
-        req.error = error
-        if req.cmd == CMD_READ and not error:
-            assert req.buf is not None
-            await reader.into(memoryview(req.buf))
-        return cookie, True
+        return await _simple_reply(reader, structured, pending), True
     if magic != STRUCTURED_REPLY_MAGIC or not structured:
         raise NBDProtocolError(f"bad reply magic {magic:#x}")
     flags, rtype, cookie, length = _CHUNK.unpack(await reader.exactly(_CHUNK.size))
@@ -354,47 +345,76 @@ async def receive_reply(reader: Reader, structured: bool,
     if rtype == REPLY_TYPE_NONE:
         if length or not done:
             raise NBDProtocolError("NBD_REPLY_TYPE_NONE chunk with payload or without DONE")
-    elif rtype == REPLY_TYPE_OFFSET_DATA:
+    elif rtype in (REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE):
+        await _read_chunk(reader, req, rtype, length)
+    elif rtype & REPLY_TYPE_ERROR_BIT:
+        await _error_chunk(reader, req, length)
+    else:
+        raise NBDProtocolError(f"unknown structured reply type {rtype}")
+    if done and not req.error and req.cmd == CMD_READ:
+        _check_covered(req)
+    return cookie, done
+
+
+async def _simple_reply(reader: Reader, structured: bool, pending: dict[int, Request]) -> int:
+    """A simple reply (its magic read): apply it, return its cookie."""
+    error, cookie = _SIMPLE.unpack(await reader.exactly(_SIMPLE.size))
+    req = _lookup(pending, cookie)
+    if structured and req.cmd == CMD_READ and not error:
+        raise NBDProtocolError("simple reply with data to a read after structured "
+                               "replies were negotiated")
+    req.error = error
+    if req.cmd == CMD_READ and not error:
+        assert req.buf is not None
+        await reader.into(memoryview(req.buf))
+    return cookie
+
+
+async def _read_chunk(reader: Reader, req: Request, rtype: int, length: int) -> None:
+    """An OFFSET_DATA or OFFSET_HOLE chunk of a read: into its place in ``req.buf``."""
+    if rtype == REPLY_TYPE_OFFSET_DATA:
         if req.cmd != CMD_READ or length < 9:
-            raise NBDProtocolError(f"bad data chunk (length {length}) for a {CMD_NAMES.get(req.cmd)}")
+            raise NBDProtocolError(f"bad data chunk (length {length}) for a "
+                                   f"{CMD_NAMES.get(req.cmd)}")
         (off,) = struct.unpack(">Q", await reader.exactly(8))
         n = length - 8
-        _claim(req, off, n)
-        assert req.buf is not None
-        start = off - req.offset
-        await reader.into(memoryview(req.buf)[start:start + n])
-    elif rtype == REPLY_TYPE_OFFSET_HOLE:
+    else:
         if req.cmd != CMD_READ or length != 12:
             raise NBDProtocolError(f"bad hole chunk (length {length})")
         off, n = struct.unpack(">QI", await reader.exactly(12))
         if n == 0:
             raise NBDProtocolError("empty hole chunk")
-        _claim(req, off, n)
-        assert req.buf is not None
-        start = off - req.offset
-        req.buf[start:start + n] = bytes(n)
-    elif rtype & REPLY_TYPE_ERROR_BIT:
-        if length < 6 or length > MAX_ERROR_CHUNK:
-            raise NBDProtocolError(f"error chunk of {length} bytes (an error chunk holds "
-                                   f"6 to {MAX_ERROR_CHUNK})")
-        payload = await reader.exactly(length)
-        err, mlen = struct.unpack_from(">IH", payload)
-        if 6 + mlen > length:
-            raise NBDProtocolError("error chunk message longer than the chunk")
-        req.error = err or EIO       # an error chunk is an error, whatever it says
-        req.message = payload[6:6 + mlen].decode(errors="replace")
+    _claim(req, off, n)
+    assert req.buf is not None
+    start = off - req.offset
+    if rtype == REPLY_TYPE_OFFSET_DATA:
+        await reader.into(memoryview(req.buf)[start:start + n])
     else:
-        raise NBDProtocolError(f"unknown structured reply type {rtype}")
-    if done and not req.error and req.cmd == CMD_READ:
-        pos = req.offset
-        for s, e in req._seen:
-            if s != pos:
-                raise NBDProtocolError(f"read reply at {req.offset}+{req.length} "
-                                       f"does not cover {pos}..{s}")
-            pos = e
-        if pos != req.offset + req.length:
-            raise NBDProtocolError(f"short read reply: {pos - req.offset} of {req.length} bytes")
-    return cookie, done
+        req.buf[start:start + n] = bytes(n)
+
+
+async def _error_chunk(reader: Reader, req: Request, length: int) -> None:
+    if length < 6 or length > MAX_ERROR_CHUNK:
+        raise NBDProtocolError(f"error chunk of {length} bytes (an error chunk holds "
+                               f"6 to {MAX_ERROR_CHUNK})")
+    payload = await reader.exactly(length)
+    err, mlen = struct.unpack_from(">IH", payload)
+    if 6 + mlen > length:
+        raise NBDProtocolError("error chunk message longer than the chunk")
+    req.error = err or EIO       # an error chunk is an error, whatever it says
+    req.message = payload[6:6 + mlen].decode(errors="replace")
+
+
+def _check_covered(req: Request) -> None:
+    """A finished read's chunks cover it whole, without gaps."""
+    pos = req.offset
+    for s, e in req._seen:
+        if s != pos:
+            raise NBDProtocolError(f"read reply at {req.offset}+{req.length} "
+                                   f"does not cover {pos}..{s}")
+        pos = e
+    if pos != req.offset + req.length:
+        raise NBDProtocolError(f"short read reply: {pos - req.offset} of {req.length} bytes")
 
 
 def _lookup(pending: dict[int, Request], cookie: int) -> Request:
