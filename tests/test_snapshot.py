@@ -538,3 +538,42 @@ def test_props_round_trip(props: list, head: str) -> None:
     so a clone's command line keeps every property it does not change."""
     pairs = [("", head)] + props
     assert parse_props(join_props(pairs)) == pairs
+
+
+def _snap_with_argv(argv: list[str]) -> "Snapshot":
+    from memfs.qemu.restore import Snapshot
+    man = Manifest(qemu={"argv": argv, "backends": {"ram0": {"arg": 2}}})
+    return Snapshot("/snap", man, None)  # type: ignore[arg-type]
+
+
+def test_clone_argv_nics() -> None:
+    """A NIC's -device gets a new MAC and an id (memfs-nicN when it had none,
+    its own kept), every other property kept; --keep-mac leaves it; a -nic
+    cannot be replaced and is refused in one line; the clone starts with
+    -S -incoming defer."""
+    from memfs.qemu.restore import Identity, clone_argv
+    argv = ["qemu", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/x,share=on",
+            "-device", "virtio-net-pci,netdev=n0,bus=rp0,mac=52:54:00:12:34:56,romfile=",
+            "-device", "e1000,netdev=n1,id=mine,addr=0x5", "-S"]
+    ident = Identity()
+    out = clone_argv(_snap_with_argv(argv), "/mnt", "c0", "/q", ident)
+    assert [n.id for n in ident.nics] == ["memfs-nic0", "mine"]
+    assert len(set(ident.macs) | {"52:54:00:12:34:56"}) == 3
+    assert all(int(m[:2], 16) & 3 == 2 for m in ident.macs)   # local, unicast
+    assert out[4] == ("virtio-net-pci,netdev=n0,bus=rp0,romfile=,id=memfs-nic0,"
+                      f"mac={ident.macs[0]}")
+    assert out[6] == f"e1000,netdev=n1,id=mine,addr=0x5,mac={ident.macs[1]}"
+    assert out[2] == "memory-backend-file,id=ram0,size=1G,mem-path=/mnt/ram0,share=off"
+    assert out[-3:] == ["-S", "-incoming", "defer"] and out.count("-S") == 1
+    kept = Identity(keep_mac=True)
+    assert clone_argv(_snap_with_argv(argv), "/mnt", "c0", "/q", kept)[4:7] == argv[4:7]
+    assert kept.nics == []
+    nic = argv[:3] + ["-nic", "user,model=virtio-net-pci"]
+    with pytest.raises(SnapshotError) as e:
+        clone_argv(_snap_with_argv(nic), "/mnt", "c0", "/q", Identity())
+    assert str(e.value) == (
+        "the saved guest's NIC -nic user,model=virtio-net-pci has no id to replace it by, so "
+        "a clone cannot get a new MAC: start the source with -netdev ...,id=N -device "
+        "...,netdev=N,id=ID (or restore with --keep-mac)")
+    assert clone_argv(_snap_with_argv(nic), "/mnt", "c0", "/q", Identity(keep_mac=True))
+
