@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from memfs import control
 from memfs.qemu import VM, file_backend
 from memfs.qemu.guest import GuestImage, GuestSum, guest_config, read_sum
+from memfs.qemu.nic import replace_nics
 from memfs.qemu.restore import ensure_mount, open_snapshot, restore_clones
 from memfs.qemu.snapshot import SnapshotOptions, join_props, parse_props, snapshot
 from memfs.snapshot import DEVICES, MANIFEST, PAGEMAP, Manifest, SnapshotError
@@ -206,6 +207,17 @@ async def test_clones_see_new_macs(guest: GuestImage, shm: Path, tmp_path: Path)
                     assert f["main-mac"] == ident.macs[0], f
                 assert len(set(seen)) == 4 and NIC_MAC not in seen, seen
                 await check_clone_mark(vms[0])
+                # a guest that does not release its NIC (here: stopped) fails
+                # the replacement in one line, after the timeout
+                vm = vms[1]
+                await vm.qmp.execute("stop")
+                t = time.monotonic()
+                with pytest.raises(SnapshotError) as e:
+                    await replace_nics(vm.qmp, vm.config.ident.nics, timeout=2)
+                print(f"not released: {(time.monotonic() - t) * 1000:.0f} ms: {e.value}")
+                assert str(e.value) == (
+                    f"QEMU {vm.qmp_path}: the guest did not release NIC net0 within 2 s (it "
+                    "needs PCI hotplug and the NIC's driver; or restore with --keep-mac)")
             async with restore_clones(snap, str(mnt), 1, str(tmp_path), "keep",
                                       keep_mac=True) as (vm,):
                 assert vm.config.ident.macs == []
