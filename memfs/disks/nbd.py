@@ -1,7 +1,8 @@
 """NBD back end: a trio NBD client with several connections, retries and reconnects.
 
-The wire format is in :mod:`nbd_proto`; this module adds the policy a live
-migration needs.  Each connection has a background reader task that matches
+The wire format is in :mod:`nbd_proto`, one connection in :mod:`nbd_conn`,
+opening and reopening them in :mod:`nbd_pool`; this module adds the policy a
+live migration needs.  Each connection has a background reader task that matches
 replies to requests by cookie, so any number of requests may be in flight.
 A request is driven by the task that asked for it: when its connection dies
 it is sent again on a new one (reads always; writes too, because writes to
@@ -21,17 +22,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Awaitable, Callable
 
 import trio
 
 from . import nbd_proto as p
 from .base import Disk, DiskError, DiskURI
-from .nbd_conn import Conn as _Conn
 from .nbd_conn import Lost as _Lost
 from .nbd_conn import RangeLock as _RangeLock
 from .nbd_conn import gather as _gather
 from .nbd_conn import round_up as _round_up
+from .nbd_pool import Pool, StreamFactory
 
 log = logging.getLogger("memfs.nbd")
 
@@ -41,7 +41,6 @@ MAX_CONNECTIONS = 4
 #: errors a retry cannot fix: the request itself is wrong or the disk is full
 _FATAL_ERRNOS = {p.EPERM, p.EINVAL, p.ENOSPC, p.EOVERFLOW, p.ENOTSUP}
 
-StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
 
 
 class NBDDisk(Disk):
@@ -50,32 +49,20 @@ class NBDDisk(Disk):
     def __init__(self, parsed: DiskURI, writable: bool, timeout: float,
                  connections: int, retries: int, connect: StreamFactory | None) -> None:
         self.uri = parsed.uri
-        self._parsed = parsed
         self._writable = writable
         self.timeout = timeout
         self.retries = retries
-        self._want_conns = connections
-        self._connect_stream = connect or self._default_connect
-        self._conns: list[_Conn] = []
-        self._conn_ids = itertools.count(1)
         self._cookies = itertools.count(1)
-        self._reconnect_lock = trio.Lock()
         self._writes: list[tuple[int, int, trio.Event]] = []
-        self._closing = False
-        self._nursery: trio.Nursery | None = None
-        self._supervisor_done = trio.Event()
-        self._supervisor_scope: trio.CancelScope | None = None
         self.info: p.ExportInfo | None = None
         self.size = 0
         self.min_block = 1
-        self._lost_writes = 0
-        #: why the last reconnect failed ("" once one succeeds), for timeout messages
-        self._connect_error = ""
         self._stats = {k: 0 for k in (
             "nbd_connections", "nbd_reconnects", "nbd_retries", "nbd_resent", "nbd_in_flight",
             "nbd_timeouts", "nbd_errors", "nbd_server_errors", "nbd_protocol_errors",
             "nbd_requests", "nbd_bytes_read", "nbd_bytes_written", "nbd_flushes",
             "nbd_lost_writes")}
+        self._pool = Pool(parsed, connections, timeout, connect, self._stats)
 
     # ------------------------------------------------------------ opening
 
@@ -99,16 +86,10 @@ class NBDDisk(Disk):
         if not (timeout > 0 and connections >= 1 and retries >= 0):
             raise DiskError(f"{parsed.uri}: timeout, connections and retries must be positive")
         self = cls(parsed, writable, timeout, min(connections, 16), retries, connect)
-        if nursery is not None:
-            await nursery.start(self._supervise)
-        else:
-            ready = trio.Event()
-            trio.lowlevel.spawn_system_task(self._supervise_system, ready,
-                                            name=f"nbd reader {parsed.uri}")
-            await ready.wait()
+        await self._pool.start(nursery)
         try:
             with trio.fail_after(self.timeout):
-                conn = await self._open_conn()
+                conn = await self._pool.open_conn()
             info = self.info = conn.info
             self.size = info.size
             self.min_block = info.min_block
@@ -116,10 +97,10 @@ class NBDDisk(Disk):
             self.max_request = max(mp - mp % info.min_block, info.min_block)
             if writable and info.read_only:
                 raise DiskError(f"{self.uri}: export is read-only")
-            n = self._want_conns if info.multi_conn else 1
+            n = self._pool.want if info.multi_conn else 1
             for _ in range(n - 1):
                 with trio.fail_after(self.timeout):
-                    await self._open_conn()
+                    await self._pool.open_conn()
         except trio.TooSlowError:
             await self.aclose()
             raise DiskError(f"{parsed.uri}: no answer within {self.timeout:g} s") from None
@@ -132,115 +113,9 @@ class NBDDisk(Disk):
             await self.aclose()
             raise
         log.info("%s: %d bytes, %d connection(s), min/pref/max block %d/%d/%d, %s replies",
-                 self.uri, info.size, len(self._conns), info.min_block, info.pref_block,
+                 self.uri, info.size, len(self._pool.conns), info.min_block, info.pref_block,
                  info.max_payload, "structured" if info.structured else "simple")
         return self
-
-    async def _supervise_system(self, ready: trio.Event) -> None:
-        try:
-            async with trio.open_nursery() as n:
-                await n.start(self._supervise)
-                ready.set()
-        except Exception:  # never let a system task crash the run
-            log.exception("%s: supervisor failed", self.uri)
-        finally:
-            ready.set()
-
-    async def _supervise(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the reader tasks, so that aclose can cancel all of them at once."""
-        try:
-            with trio.CancelScope() as scope:
-                self._supervisor_scope = scope
-                async with trio.open_nursery() as n:
-                    self._nursery = n
-                    task_status.started()
-                    await trio.sleep_forever()
-        finally:
-            self._nursery = None
-            self._supervisor_done.set()
-
-    async def _default_connect(self) -> trio.abc.Stream:
-        u = self._parsed
-        try:
-            if u.scheme == "nbd+unix":
-                return await trio.open_unix_socket(u.socket)
-            return await trio.open_tcp_stream(u.host, u.port)
-        except OSError as e:
-            raise p.NBDConnectionLost(f"cannot connect: {e.strerror or e}") from None
-
-    async def _open_conn(self) -> _Conn:
-        if self._closing or self._nursery is None:
-            raise DiskError(f"{self.uri}: disk is closed")
-        stream = await self._connect_stream()
-        try:
-            info, reader = await p.handshake(stream, self._parsed.export)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
-            raise
-        if self.info is not None and (info.size != self.info.size
-                                      or info.min_block != self.info.min_block):
-            await stream.aclose()
-            raise DiskError(f"{self.uri}: export changed on reconnect "
-                            f"(size {self.info.size} -> {info.size})")
-        conn = _Conn(next(self._conn_ids), stream, reader, info, uri=self.uri,
-                     closing=lambda: self._closing, on_death=self._conn_died)
-        self._conns.append(conn)
-        self._stats["nbd_connections"] = len(self._conns)
-        self._nursery.start_soon(conn.run_reader)
-        self._nursery.start_soon(conn.run_writer)
-        return conn
-
-    async def _top_up(self) -> None:
-        """After a reconnect, reopen the other connections in the background."""
-        while not self._closing and len(self._conns) < self._want_conns:
-            try:
-                with trio.fail_after(self.timeout):
-                    await self._open_conn()
-            except (DiskError, trio.TooSlowError) as e:
-                log.info("%s: extra connection not reopened: %s", self.uri, e)
-                return
-            self._stats["nbd_reconnects"] += 1
-
-    def _conn_died(self, conn: _Conn, reason: str) -> None:
-        if conn in self._conns:
-            self._conns.remove(conn)
-        self._stats["nbd_connections"] = len(self._conns)
-        if conn.lied:
-            self._stats["nbd_protocol_errors"] += 1
-        if conn.dirty:
-            self._lost_writes += conn.dirty
-            self._stats["nbd_lost_writes"] += conn.dirty
-            log.error("%s: %d acknowledged write(s) were not flushed when connection %d "
-                      "dropped (%s); they may be lost", self.uri, conn.dirty, conn.ident, reason)
-            conn.dirty = 0
-
-    async def _get_conn(self) -> _Conn:
-        """The least busy live connection; reconnects (with back-off) if none is left."""
-        delay = 0.05
-        while True:
-            live = [c for c in self._conns if c.alive]
-            if live:
-                return min(live, key=lambda c: len(c.pending))
-            if self._closing:
-                raise DiskError(f"{self.uri}: disk is closed")
-            async with self._reconnect_lock:
-                if any(c.alive for c in self._conns):
-                    continue
-                try:
-                    conn = await self._open_conn()
-                except (p.NBDConnectionLost, p.NBDProtocolError) as e:
-                    self._connect_error = str(e)
-                    log.warning("%s: reconnect failed: %s; again in %.2f s", self.uri, e, delay)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                self._connect_error = ""
-                self._stats["nbd_reconnects"] += 1
-                log.warning("%s: reconnected (connection %d)", self.uri, conn.ident)
-                if conn.info.multi_conn and self._want_conns > 1 and self._nursery:
-                    self._nursery.start_soon(self._top_up)
-                return conn
 
     # ------------------------------------------------------------ requests
 
@@ -294,8 +169,8 @@ class NBDDisk(Disk):
             if scope.cancelled_caught:
                 self._stats["nbd_timeouts"] += 1
                 took = trio.current_time() - started
-                if self._connect_error and not any(c.alive for c in self._conns):
-                    last = f"{last}; reconnecting: {self._connect_error}"
+                if self._pool.connect_error and not self._pool.any_alive():
+                    last = f"{last}; reconnecting: {self._pool.connect_error}"
                 last = f"timed out after {took:.1f} s ({last})"
         except DiskError as e:
             last = str(e)
@@ -311,7 +186,7 @@ class NBDDisk(Disk):
         """Send once and wait for the reply (error replies included); _Lost if
         the connection died first, or dropped if it is wedged: silent since
         the send when ``scope`` (the request's deadline) expires."""
-        conn = await self._get_conn()
+        conn = await self._pool.get()
         req = p.Request(cmd, offset, length, bytearray(length) if cmd == p.CMD_READ else None)
         cookie = next(self._cookies)
         sent_at = conn.received
@@ -321,7 +196,7 @@ class NBDDisk(Disk):
         except trio.Cancelled:
             conn.abandon(cookie)
             if scope.cancel_called and conn.received == sent_at:
-                self._nursery_kill(conn, "no reply within the timeout")
+                self._pool.drop(conn, "no reply within the timeout")
             raise
         if conn.lost(cookie):
             raise _Lost(conn.death or "connection lost", lied=conn.lied, woken=True)
@@ -329,13 +204,8 @@ class NBDDisk(Disk):
             conn.dirty += 1
         return req
 
-    def _nursery_kill(self, conn: _Conn, reason: str) -> None:
-        log.warning("%s: connection %d is stalled; dropping it", self.uri, conn.ident)
-        if self._nursery is not None:
-            self._nursery.start_soon(conn.kill, reason)
-
     def _check(self, offset: int, length: int) -> None:
-        if self._closing:
+        if self._pool.closing:
             raise DiskError(f"{self.uri}: disk is closed")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise DiskError(f"{self.uri}: {length} bytes at {offset} is beyond the end "
@@ -401,7 +271,7 @@ class NBDDisk(Disk):
 
     async def flush(self) -> None:
         """Flush every connection; fail if any acknowledged write may have been lost."""
-        if self._closing:
+        if self._pool.closing:
             raise DiskError(f"{self.uri}: disk is closed")
         if not self._writable:
             return
@@ -410,29 +280,19 @@ class NBDDisk(Disk):
             # We only open several connections when the server has CAN_MULTI_CONN,
             # so one flush covers every write completed (on any connection)
             # before it was sent.
-            dirty = {c: c.dirty for c in self._conns}
+            dirty = {c: c.dirty for c in self._pool.conns}
             await self._request(p.CMD_FLUSH, 0, 0)
             for c, n in dirty.items():
                 c.dirty -= min(c.dirty, n)
             self._stats["nbd_flushes"] += 1
-        if self._lost_writes:
-            n, self._lost_writes = self._lost_writes, 0
+        if self._pool.lost_writes:
+            n, self._pool.lost_writes = self._pool.lost_writes, 0
             raise DiskError(f"{self.uri}: {n} acknowledged write(s) were on a connection "
                             "that dropped before a flush; they may not have landed")
 
     async def aclose(self) -> None:
         """Disconnect politely (NBD_CMD_DISC), then stop the reader tasks."""
-        if self._closing:
-            await self._supervisor_done.wait()
-            return
-        self._closing = True
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(2):
-                for c in list(self._conns):
-                    await c.disconnect("disk closed")
-            if self._supervisor_scope is not None:
-                self._supervisor_scope.cancel()
-                await self._supervisor_done.wait()
+        await self._pool.aclose()
 
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
