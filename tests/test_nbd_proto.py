@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from memfs.disks import DiskError, parse_uri
 from memfs.disks import nbd_proto as p
 from memfs.disks.nbd import NBDDisk
+from memfs.disks.nbd_handshake import handshake
 
 Server = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -74,7 +75,7 @@ async def client_handshake(server: Server, **kw: object) -> tuple[p.ExportInfo, 
         n.start_soon(server, s)
         try:
             with trio.fail_after(5):
-                result = await p.handshake(c, "", **kw)  # type: ignore[arg-type]
+                result = await handshake(c, "", **kw)  # type: ignore[arg-type]
         except DiskError as e:
             error = e
         n.cancel_scope.cancel()
@@ -108,7 +109,7 @@ async def test_handshake_bad_hello(hello: bytes, what: str) -> None:
     async with trio.open_nursery() as n:
         n.start_soon(server, s)
         with trio.fail_after(5), pytest.raises(p.NBDProtocolError, match=what):
-            await p.handshake(c, "")
+            await handshake(c, "")
         n.cancel_scope.cancel()
 
 
@@ -162,7 +163,7 @@ async def test_handshake_wrong_option_reply_magic() -> None:
     async with trio.open_nursery() as n:
         n.start_soon(server, s)
         with trio.fail_after(5), pytest.raises(p.NBDProtocolError, match="magic"):
-            await p.handshake(c, "")
+            await handshake(c, "")
         n.cancel_scope.cancel()
 
 

@@ -18,6 +18,7 @@ import trio
 from . import nbd_proto as p
 from .base import DiskError, DiskURI
 from .nbd_conn import Conn
+from .nbd_handshake import handshake
 
 log = logging.getLogger("memfs.nbd")
 
@@ -101,7 +102,7 @@ class Pool:
             raise DiskError(f"{self.uri}: disk is closed")
         stream = await self._connect_stream()
         try:
-            info, reader = await p.handshake(stream, self._parsed.export)
+            info, reader = await handshake(stream, self._parsed.export)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
