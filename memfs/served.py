@@ -79,7 +79,8 @@ class ServedPages:
     def take_for_push(self, name: str, page: int) -> bool:
         """True if ``page`` was never served: it is served from now on, and the
         caller (inside ``pushing``) may push it.  Thread-safe."""
-        if not any(lo <= page < hi for lo, hi in self._pushing[name]):
+        claims = tuple(self._pushing[name])  # one copy: the loop changes the list
+        if not any(lo <= page < hi for lo, hi in claims):
             raise RuntimeError(f"page {page} of {name} is outside every claimed push")
         bits = self._bits[name]
         with self._lock:
