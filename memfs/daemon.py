@@ -299,8 +299,7 @@ class Daemon:
         if hot:
             log.info("prefetch: %d pages changed between capture passes go first", hot)
         self.prefetcher = Prefetcher(
-            self.pages, self.stats, mountpoint=mp, inode_of=self.fs.region_inode.__getitem__,
-            push=self.opts.push, rate=self.opts.prefetch_rate, trace=trace)
+            self.pages, self.stats, mountpoint=mp, push=self.opts.push, rate=self.opts.prefetch_rate, trace=trace)
         await self.prefetcher.run()
 
     async def _trim(self) -> None:

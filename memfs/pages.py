@@ -68,7 +68,7 @@ class PageServer:
         self.pagemap: PageMap | None = None
         self.fetcher: Fetcher | None = None
         self.installed = trio.Event()
-        #: pages handed to the kernel, and the push in flight (invariant 3)
+        #: pages handed to the kernel (a READ, or the kernel reading a push in)
         self.served = ServedPages()
         #: first-demand order of pages, for a later mount's prefetch
         self.trace = Trace()
@@ -194,13 +194,9 @@ class PageServer:
             return b""
         ps = region.page_size
         first, last = offset // ps, (end + ps - 1) // ps
-        # Served from the moment the READ arrives: the prefetcher must not push
-        # these pages any more (DESIGN.md invariant 3).
-        push = self.served.mark(name, first, last)
-        if push is not None:
-            self.stats.add("push_races")
-            log.warning("READ of %s pages %d..%d while a push of %d..%d is in flight",
-                        name, first, last - 1, push[0], push[1] - 1)
+        # Served from the moment the READ arrives (the kernel may hold these
+        # pages dirty from now on: the state journal must know).
+        self.served.mark(name, first, last)
         data = await self._read_pages(region, first, last - first)
         self.stats.add("reads")
         self.stats.add("bytes_read", end - offset)

@@ -2,17 +2,20 @@
 
 Once the page map is installed, every remote page is fetched in disk order
 (a working-set trace's pages first) with large coalesced reads at prefetch
-priority, kept in the local store (its source bit cleared), and — unless it
-was ever served — pushed into the kernel's page cache with notify_store, so
-that the guest's first touch is a page-cache hit.  When no page is remote the
-disk is no longer needed, and the log says so.
+priority, kept in the local store (its source bit cleared), and pushed into
+the kernel's page cache, so that the guest's first touch is a page-cache hit.
+When no page is remote the disk is no longer needed, and the log says so.
 
-DESIGN.md invariant 3 is kept by the page server's ``served`` set
-(memfs.served): every page is taken from it just before its push, and one a
-READ reached is never pushed.  Here, two more checks: a page the kernel holds
-(cachestat(2) on the region file) is not pushed either; and a push runs in a
-worker thread, never on the trio loop, because notify_store waits for page
-locks that a pending READ holds.
+A push is a read of the region file through the kernel (``read_through``),
+not notify_store: the kernel then asks this daemon, with ordinary READs, for
+exactly the pages it does not hold, and never replaces one it holds.  That
+keeps DESIGN.md invariant 3 by construction.  notify_store cannot: it
+overwrites whatever the page cache holds, and a READ the kernel's read-ahead
+sends between the push's last check and notify_store's own page lookup is
+answered, mapped and perhaps written by the guest before notify_store lands
+on it (a guest write lost; seen in mount tests with prefetch on).  Waiting
+in that READ for the push is no way out either: notify_store waits for the
+very page lock that READ holds.
 """
 
 from __future__ import annotations
@@ -27,15 +30,12 @@ import trio
 
 from .pagemap import PageState, Region
 from .pages import PageServer
-from .served import ServedPages
 from .stats import Stats
 from .trace import Trace
 
 log = logging.getLogger("memfs.prefetch")
 
 REMOTE = PageState.REMOTE
-LOCAL = PageState.LOCAL
-ZERO = PageState.ZERO
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_CACHESTAT = 451  # x86_64 and the generic table alike (Linux 6.5+)
 
@@ -79,31 +79,44 @@ class Residency:
         os.close(self.fd)
 
 
-#: pyfuse3.notify_store's signature: (inode, offset, data)
-NotifyStore = Callable[[int, int, bytes | memoryview], None]
+#: how a push reaches the kernel: (the region file, offset, length) -> the
+#: pages of that range the page cache did not hold before and holds after
+Populate = Callable[[Residency, int, int], int]
 
 
-def _notify_store(inode: int, offset: int, data: bytes | memoryview) -> None:
-    import pyfuse3
-    pyfuse3.notify_store(inode, offset, data)
+def read_through(res: Residency, offset: int, length: int) -> int:
+    """Read [offset, offset+length) of the region file and throw the bytes
+    away: the kernel fills its page cache with READs to this daemon for the
+    pages it lacks.  In a worker thread, never on the trio loop, which must
+    answer those READs.  The bytes only cross into this buffer: one copy,
+    about 1 ms per 4 MiB batch."""
+    before = res.cached(offset, length)
+    buf = bytearray(min(length, 4 << 20))
+    view = memoryview(buf)
+    at, end = offset, offset + length
+    while at < end:
+        n = os.preadv(res.fd, [view[:min(len(buf), end - at)]], at)
+        if n <= 0:
+            break  # end of file
+        at += n
+    return max(0, res.cached(offset, length) - before)
 
 
 class Prefetcher:
-    """``residency`` and ``notify_store`` reach the kernel; tests without a
+    """``residency`` and ``populate`` reach the kernel; tests without a
     mount pass their own."""
 
     def __init__(self, pages: PageServer, stats: Stats, *, mountpoint: str | None,
-                 inode_of: Callable[[str], int], push: bool = True,
+                 push: bool = True,
                  rate: float | None = None, batch: int = 4 << 20, depth: int = 3,
                  trace: Trace | None = None,
                  residency: Callable[[str], Residency] = Residency,
-                 notify_store: NotifyStore = _notify_store) -> None:
+                 populate: Populate = read_through) -> None:
         self.pages = pages
         self.residency = residency
-        self.notify_store = notify_store
+        self.populate = populate
         self.stats = stats
         self.mountpoint = mountpoint
-        self.inode_of = inode_of
         self.push = push and mountpoint is not None
         self.rate = rate  # bytes per second, None for unlimited
         self.batch = batch
@@ -187,62 +200,30 @@ class Prefetcher:
             if not chunk:
                 return
             t = time.monotonic()
-            kept, got = await self.pages.prefetch(region, chunk)
+            kept, _ = await self.pages.prefetch(region, chunk)
             self.stats.add("pages_prefetched", len(kept))
             if res is not None and kept:
-                await self._push(region, res, kept, got)
+                await self._push(region, res, kept)
             if self.rate:
                 spent = time.monotonic() - t
                 await trio.sleep(max(0.0, len(chunk) * region.page_size / self.rate - spent))
         finally:
             slots.release()
 
-    async def _push(self, region: Region, res: Residency, kept: list[int],
-                    got: dict[int, memoryview]) -> None:
-        """Push the kept pages, and the zero pages between them (a lone zero
-        page left out would cost the guest a 4 KiB READ of its own).
-
-        Page by page, each checked just before its push: notify_store
-        overwrites whatever the page cache holds, so a page that a READ
-        reached (served) or that the kernel allocated for a read (cached) is
-        skipped (memfs.served says what remains of the race).
-        """
-        name = region.name
-        served = self.pages.served
-        states = region.states
+    async def _push(self, region: Region, res: Residency, kept: list[int]) -> None:
+        """Have the kernel read the batch's range in, with the zero pages
+        between its kept pages (a lone zero page left out would cost the
+        guest a 4 KiB READ of its own).  The kernel decides which pages it
+        lacks; a page it holds (served, perhaps written) is never touched."""
+        ps = region.page_size
         lo, hi = kept[0], kept[-1] + 1
-        todo = [p for p in range(lo, hi) if not served.is_served(name, p)
-                and (p in got and states[p] == LOCAL or states[p] == ZERO)]
-        if not todo:
-            return
-        inode = self.inode_of(name)
-        with served.pushing(name, lo, hi):
-            try:
-                n = await trio.to_thread.run_sync(
-                    _push_pages, self.notify_store, inode, region.page_size, todo, got,
-                    served, name, res)
-                self.stats.add("pages_pushed", n)
-            except OSError as e:
-                self.stats.add("push_errors")
-                log.warning("prefetch: notify_store failed for %s: %s", name, e)
-
-
-def _push_pages(notify_store: NotifyStore, inode: int, ps: int, pages: list[int],
-                got: dict[int, memoryview], served: ServedPages, name: str,
-                res: Residency) -> int:
-    """Runs in a worker thread: notify_store may wait for a page lock that a
-    READ holds, and that READ needs the trio loop.  A page is taken from
-    ``served`` (tested and set under its lock) just before its push."""
-    zero = bytes(ps)
-    n = 0
-    for p in pages:
-        if served.is_served(name, p) or res.cached(p * ps, ps):
-            continue
-        if not served.take_for_push(name, p):  # a READ came first
-            continue
-        notify_store(inode, p * ps, got.get(p, zero))
-        n += 1
-    return n
+        try:
+            n = await trio.to_thread.run_sync(self.populate, res, lo * ps, (hi - lo) * ps)
+            self.stats.add("pages_pushed", n)
+        except OSError as e:  # a READ failed (the store): the guest's own READ retries
+            self.stats.add("push_errors")
+            log.warning("prefetch: pushing %s pages %d..%d failed: %s", region.name, lo,
+                        hi - 1, e)
 
 
 _M_MMAP_THRESHOLD = -3

@@ -38,7 +38,7 @@ _SECTIONS = (
                  "pages_fetched_prefetch", "pages_joined", "pages_held_hits", "bytes_fetched",
                  "bytes_bridged", "fetch_retries", "fetch_errors", "checksum_failures",
                  "pages_failed", "read_errors")),
-    ("prefetch", ("pages_prefetched", "pages_pushed", "push_errors", "push_races",
+    ("prefetch", ("pages_prefetched", "pages_pushed", "push_errors",
                   "prefetch_done", "prefetch_seconds")),
 )
 

@@ -13,7 +13,7 @@ COUNTERS = (
     "reads", "writes", "faults", "pages_fetched", "bytes_fetched", "bytes_read",
     "bytes_written", "fetch_requests", "checksum_failures", "fetch_errors",
     "fetch_retries", "read_errors", "pages_failed", "reads_waited_for_pagemap",
-    "pages_prefetched", "pages_pushed", "push_errors", "push_races",
+    "pages_prefetched", "pages_pushed", "push_errors",
     "sync_pages", "sync_bytes",
 )
 

@@ -38,12 +38,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 _CALL_FAILED = pytest.StashKey[bool]()
 #: known bugs, reported and not fixed yet: tolerated in every test, so that
 #: the suite does not fail at random where they strike
-_KNOWN = [
-    # DESIGN.md invariant 3's residual window (memfs/served.py): a READ of a
-    # page a push in flight took before notify_store stored it; the kernel's
-    # read-ahead hits it now and then (issue 13's report)
-    r"READ of \S+ pages \d+\.\.\d+ while a push of \d+\.\.\d+ is in flight",
-]
+_KNOWN: list[str] = []
 #: a memfs log line (memfs.logs.setup_logging) at WARNING or worse
 _LOUD = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ (\d+) (memfs[\w.]*) (WARNING|ERROR|CRITICAL): "
                    r"(.*)$")

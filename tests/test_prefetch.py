@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,7 +14,7 @@ from memfs.capture import capture
 from memfs.pagemap import PageMap, PageState, Region
 from memfs.prefetch import Prefetcher
 from memfs.trace import Trace, TraceError
-from ramimage import PS, drop_caches, memfs, mounted, read_stat
+from ramimage import PS, drop_caches, make_ram, memfs, mounted, read_stat
 from test_fetcher import make_server
 
 
@@ -54,7 +56,7 @@ async def test_prefetch_completes_into_the_store(tmp_path, ram) -> None:
                   progress=False)
     pm = PageMap.load(tmp_path / "pm")
     server, _, stats = await make_server(tmp_path, pm)
-    pf = Prefetcher(server, stats, mountpoint=None, inode_of=lambda n: 0)
+    pf = Prefetcher(server, stats, mountpoint=None)
     await pf.run()
     assert pm.counts()["pages_remote"] == 0 and pf.done.is_set()
     assert stats.counters["pages_prefetched"] == pm.counts()["pages_local"]
@@ -80,7 +82,6 @@ def test_pushed_pages_are_page_cache_hits(tmp_path, ram) -> None:
             m.close()
         # pushed pages and the zero pages between them never cost a READ
         assert read_stat(mnt, "reads") - reads < len(data) // PS // 8
-        assert read_stat(mnt, "push_races") == 0
 
 
 @pytest.mark.mount
@@ -104,6 +105,46 @@ def test_prefetch_never_overwrites_what_the_guest_wrote(tmp_path, ram) -> None:
         assert bytes(m[:]) == bytes(want)
         m.close()
         os.close(fd)
+        drop_caches()
+        with open(os.path.join(mnt, "ram0"), "rb") as f:
+            assert f.read() == bytes(want)
+
+
+_WRITER = """
+import mmap, os, random, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 0, mmap.MAP_SHARED)
+pages = list(range(len(m) // 4096))
+random.Random(7).shuffle(pages)
+for p in pages:
+    m[p * 4096 + 8:p * 4096 + 16] = b"W%07d" % p
+m.flush()
+"""
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_guest_writes_racing_pushes_at_full_speed_are_kept(tmp_path) -> None:
+    """A writer (a child process: a mapped page must not be touched with the
+    GIL held) stamps every page in random order while background completion
+    pushes at full speed, so the kernel's READs and the pushes meet on the
+    same ranges.  Every stamp survives completion and a dropped page cache
+    (invariant 3: a push never lands on a page the guest wrote)."""
+    path = str(tmp_path / "vm.ram")
+    data = make_ram(path, 8192)
+    pm = str(tmp_path / "pm")
+    memfs("capture", "--ram", path, "--volume", str(tmp_path / "vol"), "--out", pm)
+    want = bytearray(data)
+    for p in range(len(data) // PS):
+        want[p * PS + 8:p * PS + 16] = b"W%07d" % p
+    mnt = str(tmp_path / "mnt")
+    with mounted(pm, mnt):
+        subprocess.run([sys.executable, "-c", _WRITER, os.path.join(mnt, "ram0")],
+                       check=True, timeout=120)
+        wait_stat(mnt, "prefetch_done", 1, timeout=120)
+        assert read_stat(mnt, "pages_pushed") > 0
+        with open(os.path.join(mnt, "ram0"), "rb") as f:
+            assert f.read() == bytes(want)
         drop_caches()
         with open(os.path.join(mnt, "ram0"), "rb") as f:
             assert f.read() == bytes(want)

@@ -339,6 +339,7 @@ def test_live_upgrade_by_resume(tmp_path, ram) -> None:
 @pytest.mark.qemu
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
+@pytest.mark.expect_log(r"daemon \d+ died \(", r"daemon died: daemon \d+ took over the connection")
 async def test_guest_survives_daemon_sigkills(guest, tmp_path: Path) -> None:
     import trio
     from memfs.qemu import VM, file_backend
