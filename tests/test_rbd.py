@@ -437,3 +437,42 @@ def test_ceph_on_the_rig_through_the_storage_delay() -> None:
         assert min(times) >= 2 * delay
         print(f"\n4 KiB RBD reads through the {delay * 1000:g} ms storage relay: "
               f"{[round(t * 1000, 2) for t in times]} ms")
+
+
+@pytest.mark.ceph
+@pytest.mark.qemu
+@pytest.mark.mount
+@pytest.mark.slow
+def test_bench_migrate_rig_rows_use_rbd_over_the_links(tmp_path) -> None:
+    """``tools/bench-migrate --rig`` (small guest) with the rows that use
+    storage most: the guest's disk, the frozen disk (an RBD snapshot) and the
+    volumes on Ceph on the storage host, through the storage relay.  Each row
+    migrates the guest intact; its stream is device state only; its pages
+    cross the storage links (kernel counters); memfs+refs refers to the whole
+    disk instead of writing it."""
+    import ceph
+    from memfs.qemu import qemu_binary
+    why = ceph.missing()
+    if why:
+        pytest.skip(why)
+    if qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    import json
+    out = tmp_path / "bench.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "bench-migrate"), "--rig", "1000",
+         "--fill", "16", "--disk", "8", "--only", "memfs+refs,memfs-source", "--settle", "1",
+         "--after", "1", "--timeout", "60", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["config"]["rig_storage_delay_ms"] == 0.5
+    refs, source = doc["results"]
+    for r in (refs, source):
+        assert r["ok"] is True, r
+        assert r["link_bytes"] < (2 << 20), r          # device state only
+        assert r["from_storage_bytes"] > (8 << 20), r  # the destination read its pages
+    assert refs["ref_bytes"] >= 6 << 20, refs   # (nearly) every page of the guest's disk
+    assert refs["to_storage_bytes"] >= refs["volume_bytes"], refs
+    assert source["volume_bytes_before"] > (16 << 20), source   # copied in the background
