@@ -209,8 +209,9 @@ class Daemon:
             await trio.to_thread.run_sync(view.save, path)
         elif cmd == "stage":
             pm = await trio.to_thread.run_sync(PageMap.load, arg.strip())
+            # the staged base is the migration's temporary file, gone when the
+            # mount ends: the trace goes beside it only with --trace-out
             await self.stage(pm)
-            self.pagemap_path = arg.strip()
         elif cmd == "commit":
             delta = await trio.to_thread.run_sync(PageMap.load, arg.strip())
             await self.commit(delta)

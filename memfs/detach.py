@@ -41,11 +41,15 @@ def run_detached(work: Callable[[Ready], int], logfile: str, debug: bool) -> tup
     os.setsid()
     if os.fork():
         os._exit(0)
-    from .logs import setup_logging
+    from .logs import open_log, setup_logging
     setup_logging(debug, logfile)
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1):
         os.dup2(null, fd)
+    # stderr to the log: what Python prints there itself (a traceback of a
+    # thread, a fatal error, faulthandler) must not vanish with the terminal
+    err = open_log(logfile) if logfile else None
+    os.dup2(err.fileno() if err is not None else null, 2)
 
     def ready(detail: str) -> None:
         os.write(w, f"OK {detail}\n".encode())

@@ -203,8 +203,10 @@ class Supervisor:
         if self.initialized:
             self.restarts += 1
             self.stalls.append(stall)
-            log.warning("%s: daemon %d took over the connection in %.0f ms (restart %d)",
-                        why, new.proc.pid, stall * 1000, self.restarts)
+            # a death is worth a warning; an asked-for restart or upgrade is not
+            log.log(logging.INFO if upgrade else logging.WARNING,
+                    "%s: daemon %d took over the connection in %.0f ms (restart %d)",
+                    why, new.proc.pid, stall * 1000, self.restarts)
         self.initialized = True
         new.started = time.monotonic()
         self.standby = self.spawn()

@@ -164,9 +164,6 @@ async def test_migrate_onto_memfs(guest: GuestImage, shm: Path, tmp_path: Path,
                 check_sum(guest, last, before)
 
 
-# BUG (reported, issue 13): the destination daemon saves its working-set trace
-# beside the staged base page map, in a directory migrate has removed by then
-@pytest.mark.expect_log("cannot write the working-set trace .*base.pagemap.trace: No such file")
 async def test_migrate_onward_keeps_remote_pages(guest: GuestImage, shm: Path,
                                                  tmp_path: Path) -> None:
     """source -> memfs mount 1 -> memfs mount 2.  In the second move, the pages

@@ -82,9 +82,6 @@ async def test_final_pass_copies_what_the_guest_wrote(guest: GuestImage,
         assert r.checksums[p] == now[p] or r.states[p] == PageState.ZERO
 
 
-# BUG (reported, issue 13): the destination daemon saves its working-set trace
-# beside the staged base page map, in a directory migrate has removed by then
-@pytest.mark.expect_log("cannot write the working-set trace .*base.pagemap.trace: No such file")
 async def test_migrate_from_source_mount(guest: GuestImage, tmp_path: Path) -> None:
     """memfs migrate from a guest on a source mount: its checksums and a page
     written just before the stop arrive; only dirty pages cross in the

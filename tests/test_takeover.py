@@ -308,8 +308,6 @@ def test_read_taken_by_a_dead_daemon_is_resent(tmp_path, ram) -> None:
 
 @pytest.mark.mount
 @pytest.mark.usefixtures("needs_fuse")
-# a restart asked for is logged as a WARNING (memfs.supervisor): reported as a bug
-@pytest.mark.expect_log(r"restart requested: daemon \d+ took over the connection")
 def test_live_upgrade_by_resume(tmp_path, ram) -> None:
     """``memfs mount --resume STATE`` while the supervisor runs: a new daemon
     takes over, the old one is gone, written pages are there."""
