@@ -260,7 +260,7 @@ def test_imports_are_read_at_any_depth() -> None:
     """A late import inside a function counts, and relative imports resolve."""
     imported = imports_of("memfs.cli.capture")
     assert "memfs.index.referencer" in imported
-    assert imports_of("memfs.detach").get("memfs.logs") == {"setup_logging"}
+    assert imports_of("memfs.detach").get("memfs.logs") >= {"setup_logging"}
     # the closure follows packages' __init__ and late imports: the CLI reaches capture
     chain = reached_from("memfs.cli")["memfs.capture"]
     assert chain[0] == "memfs.cli" and chain[-1] == "memfs.capture"
