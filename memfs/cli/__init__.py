@@ -19,17 +19,14 @@ from typing import NoReturn, Sequence
 
 from .. import __version__
 from ..logs import setup_logging
-from ..qemu import restore_cli as restore_cmd  # the command line of qemu/restore.py
-from ..qemu import snapshot as snapshot_cmd  # likewise (qemu/snapshot.py)
 from ..report import error_line, is_expected, unwrap
-from . import capture, index, load, migrate, mount, save, stats, umount
+from . import capture, index, load, migrate, mount, restore, save, snapshot, stats, umount
 from .common import UsageError
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
 #: every sub-command, in the order ``memfs --help`` lists them
-COMMANDS = (capture, mount, load, save, umount, stats, index, migrate, snapshot_cmd,
-            restore_cmd)
+COMMANDS = (capture, mount, load, save, umount, stats, index, migrate, snapshot, restore)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,13 +20,10 @@ mount --new ... --volume``) or a /dev/shm file.  The steps:
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shlex
 import socket
 import struct
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,16 +33,15 @@ import trio
 
 from .. import control
 from .. import volume as volumes
-from ..capture import parse_ram_args
 from ..pagemap import PageMap
 from ..snapshot import (DEVICES, PAGEMAP, Manifest, SnapshotError, check_new_volume,
                         rebase_volume)
 from .passes import MountPasses, PassError, ReadPasses
 from .props import join_props, parse_props
 from .plain import MigrationWatch, set_capabilities
-from .qmp import QMP, QMPError
+from .qmp import QMP
 
-__all__ = ["SnapshotOptions", "snapshot", "qemu_pid", "find_backends", "add_parser",
+__all__ = ["SnapshotOptions", "snapshot", "qemu_pid", "find_backends",
            "parse_props", "join_props"]
 
 
@@ -125,83 +121,116 @@ async def snapshot(opts: SnapshotOptions, qmp: QMP | None = None) -> SnapshotRep
                 return await snapshot(opts, q)
         except ConnectionRefusedError:
             raise SnapshotError(f"QMP socket {opts.qmp}: nobody listens") from None
-    out = os.path.abspath(opts.out)
-    sizes: dict[str, int] = {}
-    for name, path in opts.rams:
-        try:
-            sizes[name] = os.stat(path).st_size
-        except OSError as e:
-            raise SnapshotError(f"cannot stat RAM {path}: {e.strerror}") from None
-    argv = qemu_argv(qemu_pid(qmp))
-    backends = find_backends(argv, opts.rams)
-    roots = {control.mount_root(p) for _, p in opts.rams}
-    if len(roots) > 1:
-        raise SnapshotError("the RAM files are in different places")
-    mount = roots.pop()
-    status = (await qmp.execute("query-status"))["status"]
-    if status not in ("running", "paused"):
-        raise SnapshotError(f"the guest is {status!r}: it must be running or paused")
-    await check_new_volume(opts.volume, volumes.identity_offset(list(sizes.values())))
-    _check_dir(out)
-    rep = SnapshotReport(source="mount" if mount else "read")
-    t0 = time.monotonic()
+    snap = _Snap(opts, qmp)
+    await snap.check()
+    return await snap.run()
 
-    def mark(step: str) -> None:
-        rep.steps_ms[step] = round((time.monotonic() - t0) * 1000, 1)
 
-    pm_path = os.path.join(out, PAGEMAP)
-    dev_path = os.path.join(out, DEVICES)
-    was_paused_sync = False
-    passes: MountPasses | ReadPasses
-    with tempfile.TemporaryDirectory(prefix="memfs-snapshot-") as tmp:
-        if mount:
-            st = await trio.to_thread.run_sync(control.read_stats, mount)
-            if not st.get("sync_volume"):
-                raise SnapshotError(f"{mount} copies no pages to a volume: mount it with "
-                                    "--volume (or send it 'volume URI')")
-            mvol = str(st["sync_volume"])
-            if os.path.abspath(mvol) == os.path.abspath(opts.volume) or mvol == opts.volume:
-                raise SnapshotError(f"{opts.volume} is the mount's own volume, which changes "
-                                    "as the guest runs: give the snapshot a volume of its own")
-            was_paused_sync = bool(st.get("sync_paused"))
-            passes = MountPasses(mount, None)
-            await _passes(passes.prepare)
-        else:
-            passes = ReadPasses(opts.rams, opts.volume, tmp, None)
-        await set_capabilities(qmp, x_ignore_shared=True)
+class _Snap:
+    """One snapshot, a method per step (each names what it checks or does)."""
+
+    def __init__(self, opts: SnapshotOptions, qmp: QMP) -> None:
+        self.opts, self.qmp = opts, qmp
+        self.out = os.path.abspath(opts.out)
+        self.pm_path = os.path.join(self.out, PAGEMAP)
+        self.dev_path = os.path.join(self.out, DEVICES)
+        self.sizes: dict[str, int] = {}
+        self.argv: list[str] = []
+        self.backends: dict[str, dict[str, Any]] = {}
+        self.mount: str | None = None
+        self.status = ""
+        self.mount_volume = ""
+        self.was_paused_sync = False
+        self.rep = SnapshotReport()
+        self.t0 = 0.0
+
+    def mark(self, step: str) -> None:
+        self.rep.steps_ms[step] = round((time.monotonic() - self.t0) * 1000, 1)
+
+    async def check(self) -> None:
+        """Everything that can be refused before the guest is touched."""
+        opts = self.opts
+        for name, path in opts.rams:
+            try:
+                self.sizes[name] = os.stat(path).st_size
+            except OSError as e:
+                raise SnapshotError(f"cannot stat RAM {path}: {e.strerror}") from None
+        self.argv = qemu_argv(qemu_pid(self.qmp))
+        self.backends = find_backends(self.argv, opts.rams)
+        roots = {control.mount_root(p) for _, p in opts.rams}
+        if len(roots) > 1:
+            raise SnapshotError("the RAM files are in different places")
+        self.mount = roots.pop()
+        self.status = (await self.qmp.execute("query-status"))["status"]
+        if self.status not in ("running", "paused"):
+            raise SnapshotError(f"the guest is {self.status!r}: it must be running or paused")
+        await check_new_volume(opts.volume, volumes.identity_offset(list(self.sizes.values())))
+        _check_dir(self.out)
+
+    async def run(self) -> SnapshotReport:
+        self.rep = SnapshotReport(source="mount" if self.mount else "read")
+        self.t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="memfs-snapshot-") as tmp:
+            passes = await self._open_passes(tmp)
+            await set_capabilities(self.qmp, x_ignore_shared=True)
+            try:
+                await self._save(passes)
+                pm = await trio.to_thread.run_sync(PageMap.load, self.pm_path)
+                if self.mount:
+                    got = await rebase_volume(pm, self.mount_volume, self.opts.volume)
+                    self.rep.volume_bytes = got["bytes"]  # the snapshot's volume, not the mount's
+                    await trio.to_thread.run_sync(pm.save, self.pm_path)
+                    self.mark("volume_copied")
+            finally:
+                if self.mount and not self.was_paused_sync:
+                    with trio.CancelScope(shield=True):
+                        await _send_quiet(self.mount, "sync-resume")
+        await self._manifest(pm)
+        return self.rep
+
+    async def _open_passes(self, tmp: str) -> MountPasses | ReadPasses:
+        """A memfs source mount copies its own dirty pages; any other RAM is read."""
+        if not self.mount:
+            return ReadPasses(self.opts.rams, self.opts.volume, tmp, None)
+        st = await trio.to_thread.run_sync(control.read_stats, self.mount)
+        if not st.get("sync_volume"):
+            raise SnapshotError(f"{self.mount} copies no pages to a volume: mount it with "
+                                "--volume (or send it 'volume URI')")
+        self.mount_volume = mvol = str(st["sync_volume"])
+        if os.path.abspath(mvol) == os.path.abspath(self.opts.volume) or mvol == self.opts.volume:
+            raise SnapshotError(f"{self.opts.volume} is the mount's own volume, which changes "
+                                "as the guest runs: give the snapshot a volume of its own")
+        self.was_paused_sync = bool(st.get("sync_paused"))
+        passes = MountPasses(self.mount, None)
+        await _passes(passes.prepare)
+        return passes
+
+    async def _save(self, passes: MountPasses | ReadPasses) -> None:
+        """A pass while the guest runs, then the guest paused for the final
+        pass and its device state side by side; it runs on if it ran before
+        and something failed, or with --resume."""
+        qmp, running = self.qmp, self.status == "running"
         stopped = resumed = False
         try:
-            if status == "running":
+            if running:
                 res = await _passes(passes.run, 0, None)    # pass 1, the guest runs
-                rep.volume_bytes += int(res.get("bytes_written", 0))
-                mark("pass1")
-            if mount:
-                await _send(mount, "sync-pause")   # the volume holds still from here
-            if status == "running":
+                self.rep.volume_bytes += int(res.get("bytes_written", 0))
+                self.mark("pass1")
+            if self.mount:
+                await _send(self.mount, "sync-pause")   # the volume holds still from here
+            if running:
                 await qmp.execute("stop")
                 stopped = True
             t_stop = time.monotonic()
-            mark("stopped")
-
-            async def pages() -> None:
-                res = await _passes(passes.run, 1, pm_path)
-                rep.volume_bytes += int(res.get("bytes_written", 0))
-                mark("final_pass")
-
-            async def devices() -> None:
-                watch = MigrationWatch(started=time.monotonic())
-                await qmp.execute("migrate", {"uri": "exec:cat > " + shlex.quote(dev_path)})
-                await watch.until(qmp, timeout=opts.timeout, interval=0.005)
-                mark("devices")
-
+            self.mark("stopped")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pages)
-                nursery.start_soon(devices)
-            if opts.resume and stopped:
+                nursery.start_soon(self._final_pass, passes)
+                nursery.start_soon(self._devices)
+            if self.opts.resume and stopped:
                 await qmp.execute("cont")
                 resumed = True
-                mark("resumed")
-            rep.paused_ms = round((time.monotonic() - t_stop) * 1000, 1)
+                self.mark("resumed")
+            self.rep.paused_ms = round((time.monotonic() - t_stop) * 1000, 1)
         except BaseException:
             if stopped and not resumed:
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -209,37 +238,37 @@ async def snapshot(opts: SnapshotOptions, qmp: QMP | None = None) -> SnapshotRep
                         await qmp.execute("cont")
                     except Exception:
                         pass
-            if mount and not was_paused_sync:
-                with trio.CancelScope(shield=True):
-                    await _send_quiet(mount, "sync-resume")
             raise
-        try:
-            pm = await trio.to_thread.run_sync(PageMap.load, pm_path)
-            if mount:
-                got = await rebase_volume(pm, mvol, opts.volume)
-                rep.volume_bytes = got["bytes"]  # the snapshot's volume, not the mount's
-                await trio.to_thread.run_sync(pm.save, pm_path)
-                mark("volume_copied")
-        finally:
-            if mount and not was_paused_sync:
-                with trio.CancelScope(shield=True):
-                    await _send_quiet(mount, "sync-resume")
-    rec = volumes.recorded(pm.meta)
-    vol_uri = next(u for u in pm.disks if u in rec) if rec else opts.volume
-    if vol_uri not in rec:
-        raise SnapshotError(f"the page map records no identity for volume {vol_uri}")
-    man = Manifest(regions=sizes, created=time.time(),
-                   volume={"uri": vol_uri, "id": rec[vol_uri][0], "at": rec[vol_uri][1]},
-                   qemu={"argv": argv, "backends": backends,
-                         "vmgenid": any(a.startswith("vmgenid") for a in argv)})
-    await trio.to_thread.run_sync(man.add_file, out, DEVICES)
-    await trio.to_thread.run_sync(man.add_file, out, PAGEMAP)
-    rep.device_bytes = man.files[DEVICES]["size"]
-    rep.total_ms = round((time.monotonic() - t0) * 1000, 1)
-    man.info = {"paused_ms": rep.paused_ms, "source": rep.source,
-                "device_bytes": rep.device_bytes, "steps_ms": rep.steps_ms}
-    await trio.to_thread.run_sync(man.save, out)
-    return rep
+
+    async def _final_pass(self, passes: MountPasses | ReadPasses) -> None:
+        res = await _passes(passes.run, 1, self.pm_path)
+        self.rep.volume_bytes += int(res.get("bytes_written", 0))
+        self.mark("final_pass")
+
+    async def _devices(self) -> None:
+        watch = MigrationWatch(started=time.monotonic())
+        await self.qmp.execute("migrate", {"uri": "exec:cat > " + shlex.quote(self.dev_path)})
+        await watch.until(self.qmp, timeout=self.opts.timeout, interval=0.005)
+        self.mark("devices")
+
+    async def _manifest(self, pm: PageMap) -> None:
+        """DIR/manifest.json: every file with its checksum, the volume's identity."""
+        rep, out = self.rep, self.out
+        rec = volumes.recorded(pm.meta)
+        vol_uri = next(u for u in pm.disks if u in rec) if rec else self.opts.volume
+        if vol_uri not in rec:
+            raise SnapshotError(f"the page map records no identity for volume {vol_uri}")
+        man = Manifest(regions=self.sizes, created=time.time(),
+                       volume={"uri": vol_uri, "id": rec[vol_uri][0], "at": rec[vol_uri][1]},
+                       qemu={"argv": self.argv, "backends": self.backends,
+                             "vmgenid": any(a.startswith("vmgenid") for a in self.argv)})
+        await trio.to_thread.run_sync(man.add_file, out, DEVICES)
+        await trio.to_thread.run_sync(man.add_file, out, PAGEMAP)
+        rep.device_bytes = man.files[DEVICES]["size"]
+        rep.total_ms = round((time.monotonic() - self.t0) * 1000, 1)
+        man.info = {"paused_ms": rep.paused_ms, "source": rep.source,
+                    "device_bytes": rep.device_bytes, "steps_ms": rep.steps_ms}
+        await trio.to_thread.run_sync(man.save, out)
 
 
 async def _passes(fn: Any, *args: Any) -> Any:
@@ -264,36 +293,3 @@ async def _send_quiet(mount: str, line: str) -> None:
 
 
 # -- command line ------------------------------------------------------------------
-
-def cmd_snapshot(a: argparse.Namespace) -> int:
-    opts = SnapshotOptions(qmp=a.qmp, rams=parse_ram_args(a.ram), volume=a.volume,
-                           out=a.out, resume=a.resume, timeout=a.timeout)
-    try:
-        rep = trio.run(snapshot, opts)
-    except trio.TooSlowError:
-        print("memfs: snapshot failed: timed out (QEMU's QMP socket or the device state; "
-              "a QMP socket serves one client at a time)", file=sys.stderr)
-        return 1
-    except (SnapshotError, QMPError, OSError, RuntimeError) as e:
-        print(f"memfs: snapshot failed: {e or type(e).__name__}", file=sys.stderr)
-        return 1
-    print(json.dumps(rep.__dict__, indent=1))
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "snapshot", help="save a running QEMU guest to a snapshot directory",
-        description="Copy the guest's RAM to a volume (on a memfs source mount without "
-        "reading RAM), pause it for the final pass and its device state (x-ignore-shared), "
-        "and write DIR/manifest.json naming every file with its checksum.")
-    p.add_argument("--qmp", required=True, metavar="SOCK", help="the QEMU's QMP socket")
-    p.add_argument("--ram", action="append", required=True, metavar="[NAME=]PATH",
-                   help="the guest's RAM file (a shared memory backend); repeat per region")
-    p.add_argument("--volume", required=True, metavar="URI",
-                   help="the snapshot's own volume (a new file or an NBD export)")
-    p.add_argument("--out", required=True, metavar="DIR", help="snapshot directory (new or empty)")
-    p.add_argument("--resume", action="store_true", help="let the guest run on afterwards")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="seconds for the device state (300)")
-    p.set_defaults(func=cmd_snapshot)

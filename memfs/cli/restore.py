@@ -23,10 +23,10 @@ import trio
 
 from ..report import parse_size
 from ..snapshot import SnapshotError
-from .nic import Nic, replace_nics
-from .props import join_props, parse_props
-from .qmp import QMP, QMPError, unwrap_single
-from .restore import Identity, Snapshot, clone_argv, ensure_mount, open_snapshot, resume_clone
+from ..qemu.nic import Nic, replace_nics
+from ..qemu.props import join_props, parse_props
+from ..qemu.qmp import QMP, QMPError, unwrap_single
+from ..qemu.restore import Identity, Snapshot, clone_argv, ensure_mount, open_snapshot, resume_clone
 
 __all__ = ["cmd_restore", "add_parser"]
 
