@@ -22,6 +22,10 @@ fetched whose store write has not landed yet (``held`` until the page server
 calls ``settled``) is answered from the fetched bytes.  A demand fetch that
 joined a prefetch which failed or was cancelled asks the disk itself: the
 prefetch's failure is not its answer.
+
+The policy is here; what it uses has a module each: ``fetch_plan`` (pages
+into disk requests), ``fetch_flight`` (who reads which page now, held
+bytes) and ``fetch_slots`` (bounded reads, demand before prefetch).
 """
 
 from __future__ import annotations
@@ -34,8 +38,14 @@ from typing import Iterable, Sequence
 import trio
 
 from .disks import Disk, DiskError
-from .pagemap import PageState, Region, checksum
+from .fetch_flight import Flight, Flights
+from .fetch_plan import Run, coalesce, ranges as _ranges, remote_pages
+from .fetch_slots import Slots
+from .pagemap import Region, checksum
 from .stats import Stats
+
+__all__ = ["DEFAULT_DEADLINE", "FAIL_WINDOW", "FetchError", "Fetcher", "Run", "coalesce",
+           "remote_pages"]
 
 log = logging.getLogger("memfs.fetcher")
 
@@ -53,75 +63,10 @@ class FetchError(Exception):
         self.partial: dict[int, memoryview] = partial if partial is not None else {}
 
 
-@dataclass(frozen=True)
-class Run:
-    """One disk request: ``length`` bytes at ``offset`` holding ``pages``.
-
-    ``pages`` are (page index, byte position in the request).  Small gaps
-    between them are read and thrown away: one round trip is dearer than a
-    few KiB of bandwidth (the identity layout leaves zero pages as gaps).
-    """
-
-    disk: int
-    offset: int
-    length: int
-    pages: tuple[tuple[int, int], ...]
-
-    @property
-    def first(self) -> int:
-        return self.pages[0][0]
-
-
-def coalesce(region: Region, pages: Iterable[int], max_bytes: int,
-             max_gap: int = 0) -> list[Run]:
-    """Group remote ``pages`` (ascending) into disk requests of at most
-    ``max_bytes``, bridging gaps of up to ``max_gap`` bytes on the disk."""
-    ps = region.page_size
-    disks, offsets = region.disks, region.offsets
-    runs: list[Run] = []
-    cur: list[tuple[int, int]] = []
-    disk = start = end = -1
-    for p in pages:
-        d, off = disks[p], offsets[p]
-        if cur and d == disk and end <= off <= end + max_gap and off + ps - start <= max_bytes:
-            cur.append((p, off - start))
-            end = off + ps
-            continue
-        if cur:
-            runs.append(Run(disk, start, end - start, tuple(cur)))
-        disk, start, end = d, off, off + ps
-        cur = [(p, 0)]
-    if cur:
-        runs.append(Run(disk, start, end - start, tuple(cur)))
-    return runs
-
-
-def remote_pages(region: Region, first: int, count: int) -> list[int]:
-    """Indexes of the pages in [first, first+count) whose source bit is set."""
-    states = region.states
-    remote = PageState.REMOTE
-    return [p for p in range(first, first + count) if states[p] == remote]
-
-
 #: seconds a fetch may take, retries included, from a disk without a timeout
 DEFAULT_DEADLINE = math.inf
 #: seconds pages that failed a demand fetch keep failing at once
 FAIL_WINDOW = 2.0
-
-
-class _Flight:
-    """Pages one fetch is reading; the others that want them wait on ``done``."""
-
-    __slots__ = ("prefetch", "urgent", "done", "got", "reason", "finished")
-
-    def __init__(self, prefetch: bool) -> None:
-        self.prefetch = prefetch
-        #: a demand fetch waits for it: its reads go at demand priority
-        self.urgent = not prefetch
-        self.done = trio.Event()
-        self.got: dict[int, memoryview] = {}
-        self.reason = "cancelled"
-        self.finished = False  # False at ``done``: cancelled, ask again
 
 
 @dataclass
@@ -148,15 +93,11 @@ class Fetcher:
         self.max_gap = max_gap
         self.deadline = deadline
         self.fail_window = fail_window
-        self._slots = trio.CapacityLimiter(slots)
-        self._demand_waiting = 0
-        self._demand_idle = trio.Condition()
-        self._parked = 0  # prefetch reads waiting on _demand_idle
+        self._slots = Slots(slots)
         self._failures: list[_Failure] = []
-        #: region -> page -> the fetch reading it now
-        self._flights: dict[str, dict[int, _Flight]] = {}
+        self._flights = Flights()
         #: region -> page -> fetched bytes whose store write has not landed
-        self._held: dict[str, dict[int, memoryview]] = {}
+        self._held = self._flights.held
         for name in ("reads_failed_fast", "pages_fetched_demand", "pages_fetched_prefetch",
                      "bytes_bridged", "pages_joined", "pages_held_hits"):
             stats.counters.setdefault(name, 0)
@@ -181,14 +122,11 @@ class Fetcher:
     def settled(self, region: Region, pages: Iterable[int]) -> None:
         """The page server is done with these fetched pages (kept in the
         store, or not): from now on the page state says where they are."""
-        held = self._held.get(region.name)
-        if held:
-            for p in pages:
-                held.pop(p, None)
+        self._flights.settled(region.name, pages)
 
     def in_flight(self, region: Region) -> int:
         """Pages of ``region`` being fetched now (tests, stats)."""
-        return len(self._flights.get(region.name, ()))
+        return self._flights.in_flight(region.name)
 
     async def fetch(self, region: Region, pages: Sequence[int], *,
                     prefetch: bool = False,
@@ -201,22 +139,7 @@ class Fetcher:
         here too (with its reason), unless it was a prefetch or cancelled.
         ``own`` receives the pages this call read from the disk itself.
         """
-        name = region.name
-        flights = self._flights.setdefault(name, {})
-        held = self._held.setdefault(name, {})
-        good: dict[int, memoryview] = {}
-        mine: list[int] = []
-        joined: dict[_Flight, list[int]] = {}
-        for p in pages:
-            data = held.get(p)
-            if data is not None:
-                good[p] = data
-                continue
-            f = flights.get(p)
-            if f is None:
-                mine.append(p)
-            else:
-                joined.setdefault(f, []).append(p)
+        good, mine, joined = self._flights.sort(region.name, pages)
         if good:
             self.stats.add("pages_held_hits", len(good))
         if not prefetch and any(not f.urgent for f in joined):
@@ -224,33 +147,44 @@ class Fetcher:
             # every other demand READ as the prefetch would
             for f in joined:
                 f.urgent = True
-            async with self._demand_idle:
-                self._demand_idle.notify_all()
+            await self._slots.wake_parked()
+        own_err = await self._fly(region, mine, prefetch, good, own) if mine else None
+        failed, reason = await self._join(region, joined, prefetch, good)
+        if own_err is not None or failed:
+            if own_err is not None:
+                failed.extend(own_err.pages)
+                reason = own_err.reason
+            raise FetchError(region.name, sorted(failed), reason, good)
+        return good
+
+    async def _fly(self, region: Region, mine: list[int], prefetch: bool,
+                   good: dict[int, memoryview], own: set[int] | None) -> FetchError | None:
+        """Read ``mine`` in a new flight into ``good`` (and ``own``); the
+        error of the pages that failed, if any (the rest are in ``good``)."""
+        flight = self._flights.start(region.name, mine, prefetch)
+        err: FetchError | None = None
+        try:
+            try:
+                got = await self._fetch_own(region, mine, prefetch=prefetch, flight=flight)
+            except FetchError as e:
+                got, err = e.partial, e
+                flight.reason = e.reason
+            self._flights.land(region.name, flight, got)
+            if own is not None:
+                own.update(got)
+            good.update(got)
+        finally:
+            self._flights.end(region.name, mine, flight)
+        return err
+
+    async def _join(self, region: Region, joined: dict[Flight, list[int]], prefetch: bool,
+                    good: dict[int, memoryview]) -> tuple[list[int], str]:
+        """Wait for the flights others have in flight; their pages go into
+        ``good``.  A cancelled flight's pages, and a failed prefetch's pages
+        a demand fetch wants, are asked for again.  Returns the pages that
+        failed, and why."""
         failed: list[int] = []
         reason = ""
-        partial_err: FetchError | None = None
-        if mine:
-            flight = _Flight(prefetch)
-            for p in mine:
-                flights[p] = flight
-            try:
-                try:
-                    got = await self._fetch_own(region, mine, prefetch=prefetch, flight=flight)
-                except FetchError as e:
-                    got = e.partial
-                    partial_err = e
-                    flight.reason = e.reason
-                flight.got = got
-                flight.finished = True
-                if own is not None:
-                    own.update(got)
-                good.update(got)
-                held.update(got)
-            finally:
-                for p in mine:
-                    if flights.get(p) is flight:
-                        del flights[p]
-                flight.done.set()
         for f, ps in joined.items():
             self.stats.add("pages_joined", len(ps))
             await f.done.wait()
@@ -271,16 +205,11 @@ class Fetcher:
                     good.update(e.partial)
                     failed.extend(e.pages)
                     reason = reason or e.reason
-        if partial_err is not None or failed:
-            if partial_err is not None:
-                failed.extend(partial_err.pages)
-                reason = partial_err.reason
-            raise FetchError(name, sorted(failed), reason, good)
-        return good
+        return failed, reason
 
     async def _fetch_own(self, region: Region, pages: Sequence[int], *,
                          prefetch: bool = False,
-                         flight: _Flight | None = None) -> dict[int, memoryview]:
+                         flight: Flight | None = None) -> dict[int, memoryview]:
         """Read and verify ``pages`` from the disk.
 
         All or nothing: raises FetchError naming the pages that failed after
@@ -337,17 +266,17 @@ class Fetcher:
         return max(limit, region.page_size)
 
     async def _read(self, run: Run, prefetch: bool, deadline: float,
-                    flight: _Flight | None = None) -> bytes:
+                    flight: Flight | None = None) -> bytes:
         """The bytes of ``run``; DiskError if they are not there by ``deadline``.
 
         The wait for a slot counts against the deadline; the disk enforces
         it on the read itself (a file disk's pread cannot be abandoned).
         """
         disk = self.disks[run.disk]
-        got_slot = self._try_acquire(prefetch)  # the usual case: no cancel scope, no wait
+        got_slot = self._slots.try_acquire(prefetch)  # the usual case: no cancel scope, no wait
         if not got_slot:
             with trio.move_on_at(deadline):
-                await self._acquire(prefetch, flight)
+                await self._slots.acquire(prefetch, flight)
                 got_slot = True
         if not got_slot:
             raise DiskError(f"{disk.uri}: read of {run.length} bytes at {run.offset} found "
@@ -358,41 +287,9 @@ class Fetcher:
         finally:
             self._slots.release()
 
-    def _try_acquire(self, prefetch: bool) -> bool:
-        """A free slot at once (none is waited for), if priority allows."""
-        if prefetch and self._demand_waiting:
-            return False
-        try:
-            self._slots.acquire_nowait()  # fair: fails while anyone waits
-        except trio.WouldBlock:
-            return False
-        return True
-
-    async def _acquire(self, prefetch: bool, flight: _Flight | None = None) -> None:
-        """A slot; demand reads first (and a prefetch a demand read waits for)."""
-        if prefetch:
-            async with self._demand_idle:
-                self._parked += 1
-                try:
-                    while self._demand_waiting and not (flight is not None and flight.urgent):
-                        await self._demand_idle.wait()
-                finally:
-                    self._parked -= 1
-            await self._slots.acquire()
-            return
-        self._demand_waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._demand_waiting -= 1
-            if not self._demand_waiting and self._parked:
-                with trio.CancelScope(shield=True):  # a cancelled demand still wakes them
-                    async with self._demand_idle:
-                        self._demand_idle.notify_all()
-
     async def _fetch_run(self, region: Region, run: Run, prefetch: bool,
                          good: dict[int, memoryview],
-                         flight: _Flight | None = None) -> tuple[list[int], str]:
+                         flight: Flight | None = None) -> tuple[list[int], str]:
         """Fetch one run into ``good``; return the pages that never verified."""
         ps = region.page_size
         sums = region.checksums
@@ -449,19 +346,3 @@ class Fetcher:
         self.stats.add("pages_failed", len(retry))
         return retry, reason
 
-
-def _ranges(pages: list[int]) -> str:
-    """Compact "1-4,9" form for log lines."""
-    out: list[str] = []
-    start = prev = None
-    for p in pages:
-        if start is None:
-            start = prev = p
-        elif p == prev + 1:  # type: ignore[operator]
-            prev = p
-        else:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = p
-    if start is not None:
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(out[:20]) + (",…" if len(out) > 20 else "")
