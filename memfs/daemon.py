@@ -294,6 +294,20 @@ class Daemon:
             trace = await trio.to_thread.run_sync(Trace.load, self.opts.prefetch_trace)
         await self._inited.wait()
         await self.pages.installed.wait()
+        if self.opts.prefetch_delay and self.opts.prefetch_delay > 0:
+            # the guests' first faults go first: wait for the first READ, then
+            # for a pause of prefetch_delay seconds in the READs (10x at most)
+            delay, counters = self.opts.prefetch_delay, self.stats.counters
+            while not counters["reads"]:
+                await trio.sleep(0.05)
+            first = quiet = trio.current_time()
+            seen = counters["reads"]
+            while min(quiet + delay, first + 10 * delay) > trio.current_time():
+                await trio.sleep(min(0.05, delay / 4))
+                if counters["reads"] != seen:
+                    seen, quiet = counters["reads"], trio.current_time()
+            log.info("prefetch: starting %.2fs after the first READ (%d READs)",
+                     trio.current_time() - first, seen)
         assert self.pages.pagemap is not None
         trace = trace or Trace()
         hot = trace.extend_from_meta(self.pages.pagemap.meta)

@@ -39,6 +39,10 @@ class MountOptions:
     push: bool = True
     prefetch_rate: float | None = None
     prefetch_trace: str | None = None
+    #: seconds: the background completion waits for the first READ, then
+    #: until READs paused this long (at most 10 times as long), so that the
+    #: guests' first faults do not compete with it (restore); None: at once
+    prefetch_delay: float | None = None
     #: where the working-set trace goes at unmount (None: beside the page map)
     trace_out: str | None = None
     pagemap_path: str | None = None

@@ -32,7 +32,7 @@ from memfs.qemu.nic import replace_nics
 from memfs.qemu.restore import ensure_mount, open_snapshot, restore_clones
 from memfs.qemu.snapshot import SnapshotOptions, join_props, parse_props, snapshot
 from memfs.snapshot import DEVICES, MANIFEST, PAGEMAP, Manifest, SnapshotError
-from ramimage import mounted
+from ramimage import PS, memfs, mounted
 from test_migrate import FILL, RAM, check_sum, drop_caches
 
 #: the tests that boot the guest (the manifest and argument parsers at the end do not)
@@ -492,6 +492,44 @@ async def test_snapshot_command_from_shm(guest: GuestImage, shm: Path, tmp_path:
                 check_sum(guest, await read_sum(c.console, "c", 60), before)
     finally:
         umount(mnt)
+
+
+def _read_in_child(path: str, offset: int, length: int) -> bytes:
+    """Bytes of the region file, read by another process (FUSE-backed)."""
+    code = ("import sys; f = open(sys.argv[1], 'rb'); f.seek(int(sys.argv[2])); "
+            "sys.stdout.buffer.write(f.read(int(sys.argv[3])))")
+    return subprocess.run([sys.executable, "-c", code, path, str(offset), str(length)],
+                          capture_output=True, check=True, timeout=60).stdout
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_prefetch_delay_lets_the_first_reads_go_first(tmp_path: Path,
+                                                      ram: tuple[str, bytes]) -> None:
+    """``--prefetch-delay`` (restore's mount uses it): no page is prefetched
+    while nothing reads the region; after the first READ and a pause in the
+    READs the background completion fetches every page, with real bytes."""
+    path, data = ram
+    pm, log = str(tmp_path / "pm"), str(tmp_path / "mnt.log")
+    memfs("capture", "--ram", path, "--volume", str(tmp_path / "vol"), "--out", pm)
+    mnt = str(tmp_path / "mnt")
+    with mounted(pm, mnt, "--prefetch-delay", "0.3", log=log):
+        time.sleep(1.5)   # nobody reads: the completion waits
+        st = control.read_stats(mnt)
+        assert st["pages_prefetched"] == 0 and st["prefetch_done"] == 0, st
+        remote = st["pages_remote"]
+        assert remote > 0, st
+        region = os.path.join(mnt, "ram0")
+        assert _read_in_child(region, 7 * PS, PS) == data[7 * PS:8 * PS]
+        deadline = time.monotonic() + 60
+        while not (st := control.read_stats(mnt))["prefetch_done"]:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        assert st["pages_remote"] == 0 and st["pages_prefetched"] > 0, st
+        assert _read_in_child(region, 0, len(data)) == data
+    with open(log) as f:
+        started = [ln for ln in f if "prefetch: starting" in ln]
+    assert len(started) == 1 and "after the first READ" in started[0], started
 
 
 # -- parsers (no guest) ------------------------------------------------------------

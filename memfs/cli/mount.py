@@ -70,6 +70,7 @@ def mount_options(a: argparse.Namespace) -> MountOptions:
         bdi_strict_limit=a.bdi_strict_limit, prefetch=not a.no_prefetch, push=not a.no_push,
         prefetch_rate=option("--prefetch-rate", parse_size, a.prefetch_rate),
         prefetch_trace=a.prefetch_trace, trace_out=a.trace_out,
+        prefetch_delay=a.prefetch_delay,
         pagemap_path=os.path.abspath(a.pagemap) if a.pagemap else None,
         new=bool(a.new), volume=a.volume,
         sync_rate=option("--sync-rate", parse_size, a.sync_rate),
@@ -269,6 +270,10 @@ def _add_prefetch_options(m: argparse.ArgumentParser) -> None:
                    help="prefetch into the local store only, not into the page cache")
     m.add_argument("--prefetch-rate", metavar="BYTES/S",
                    help="limit background fetching (e.g. 200M)")
+    m.add_argument("--prefetch-delay", type=float, metavar="SECONDS",
+                   help="start the background completion only after the first READ and "
+                        "then a pause of SECONDS in the READs: the guests' first faults "
+                        "go first (at most 10 x SECONDS after the first READ)")
     m.add_argument("--prefetch-trace", metavar="FILE",
                    help="a working-set trace of an earlier mount: fetch its pages first")
     m.add_argument("--trace-out", metavar="FILE",

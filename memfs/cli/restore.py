@@ -107,7 +107,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
                                             os.path.join(run_dir, name + ".qmp"), ident)))
             return 0
         mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True, store=a.store,
-                               prefetch=not a.no_prefetch, prefetch_rate=_rate(a))
+                               prefetch=not a.no_prefetch, prefetch_rate=_rate(a),
+                               prefetch_delay=a.prefetch_delay)
         t["mounted"] = time.monotonic()
         clones: list[dict[str, Any]] = []
         try:
@@ -208,10 +209,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", metavar="DIR",
                    help="local store directory of the mount it makes (default: temporary)")
     p.add_argument("--no-prefetch", action="store_true",
-                   help="the mount it makes fetches only what the clones touch (its "
-                        "background completion competes with their first faults)")
+                   help="the mount it makes fetches only what the clones touch")
     p.add_argument("--prefetch-rate", metavar="BYTES/S",
                    help="limit the background completion of the mount it makes (e.g. 100M)")
+    p.add_argument("--prefetch-delay", type=float, default=0.5, metavar="S",
+                   help="the mount it makes starts its background completion (the "
+                        "working-set trace first) once the clones' first faults paused S "
+                        "seconds (0.5; 0: at once, competing with them)")
     p.add_argument("--keep-mac", action="store_true",
                    help="the clones' NICs keep the snapshot's MACs (no replug: for a "
                         "guest without PCI hotplug, or NICs on a bus without it)")

@@ -230,14 +230,17 @@ async def _loaded(qmp: QMP) -> None:
 def ensure_mount(snap: Snapshot, mnt: str, trace: bool = True,
                  extra: Sequence[str] = (), fork: bool = False,
                  store: str | None = None, prefetch: bool = True,
-                 prefetch_rate: float | None = None) -> bool:
+                 prefetch_rate: float | None = None,
+                 prefetch_delay: float | None = None) -> bool:
     """Serve the snapshot at ``mnt``: mount it (a daemon, with the snapshot's
     working-set trace fetched first when there is one and ``trace``), or use
     the memfs mount already there if its regions match.  Returns True if it
     mounted.  ``fork``: the daemon is a fork of this process with default
     options, ``store`` and the background completion (``prefetch``,
-    ``prefetch_rate`` bytes/s), not ``memfs mount`` with ``extra``: no second
-    interpreter; only outside trio.run and with no other thread running."""
+    ``prefetch_rate`` bytes/s, ``prefetch_delay``: started once the clones'
+    first faults paused that many seconds), not ``memfs mount`` with
+    ``extra``: no second interpreter; only outside trio.run and with no
+    other thread running."""
     mnt = os.path.abspath(mnt)
     if os.path.ismount(mnt) and os.path.exists(control.meta_path(mnt, "control")):
         _check_mount(snap, mnt)
@@ -249,7 +252,7 @@ def ensure_mount(snap: Snapshot, mnt: str, trace: bool = True,
     elif trace:
         out = None   # the first mount's trace goes beside the page map
     if fork:
-        _mount_forked(snap, mnt, first, out, store, prefetch, prefetch_rate)
+        _mount_forked(snap, mnt, first, out, store, prefetch, prefetch_rate, prefetch_delay)
         return True
     args = [snap.pagemap_path, mnt, *extra, *(["--store", store] if store else [])]
     args += (["--prefetch-trace", first] if first else []) + (["--trace-out", out] if out else [])
@@ -276,7 +279,8 @@ def _check_mount(snap: Snapshot, mnt: str) -> None:
 
 
 def _mount_forked(snap: Snapshot, mnt: str, first: str | None, out: str | None,
-                  store: str | None, prefetch: bool, prefetch_rate: float | None) -> None:
+                  store: str | None, prefetch: bool, prefetch_rate: float | None,
+                  prefetch_delay: float | None = None) -> None:
     """The mount as a fork of this process, as ``memfs mount`` would make it
     with its default options: the imports are done and the page map is
     loaded and checked, so the daemon serves some hundred ms sooner than a
@@ -284,7 +288,7 @@ def _mount_forked(snap: Snapshot, mnt: str, first: str | None, out: str | None,
     opts = MountOptions(mountpoint=mnt, pagemap=snap.pagemap, pagemap_path=snap.pagemap_path,
                         store_dir=store, bdi_max_ratio=50, bdi_strict_limit=0,
                         prefetch_trace=first, trace_out=out, prefetch=prefetch,
-                        prefetch_rate=prefetch_rate)
+                        prefetch_rate=prefetch_rate, prefetch_delay=prefetch_delay)
     try:
         check_mountpoint(mnt)
         if first:
