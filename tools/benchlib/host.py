@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
+
+
+def say(who: str, msg: str) -> None:
+    """A timestamped progress line on stderr (stdout carries the JSON)."""
+    print(f"[{who} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def drop_caches() -> None:

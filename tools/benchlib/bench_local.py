@@ -1,0 +1,108 @@
+"""tools/bench's figures once pages are local (prefetch on): 5 time until
+every page is local, 4 first touch of a pushed page, 7 writes into a fetched
+mapping; beside a tmpfs file's page-cache hits and writes."""
+
+from __future__ import annotations
+
+import mmap
+import random
+import time
+from typing import Any
+
+from benchlib.bench_rig import MIB, PS, Rig, spread
+from benchlib.host import drop_caches
+from benchlib.maps import mapping, touch_timed
+from benchlib.mountstats import bdi_of, stat_delta, stats, wait_prefetch
+from benchlib.stats import lat, ratio
+
+
+def write_pass(m: mmap.mmap, w: int, style: str) -> dict[str, Any]:
+    """One byte per page, or whole MiBs (memset), into ``m``, then msync."""
+    val = random.randrange(1, 255)
+    t = time.perf_counter()
+    if style == "byte_per_page":
+        for off in range(0, w, PS):
+            m[off] = val
+    else:
+        fill = bytes([val]) * MIB
+        for off in range(0, w, MIB):
+            m[off:off + MIB] = fill
+    t_write = time.perf_counter() - t
+    m.flush()  # msync(MS_SYNC)
+    dt = time.perf_counter() - t
+    return {"seconds": round(dt, 3), "write_seconds": round(t_write, 3),
+            "msync_seconds": round(dt - t_write, 3), "mib_s": round(w / dt / MIB, 1),
+            "mib_s_dirtying_only": round(w / max(t_write, 1e-9) / MIB, 1)}
+
+
+class LocalFigures(Rig):
+    def fig5_4_7(self, kind: str, pm: str, raw_seq_mib_s: float) -> dict[str, Any]:
+        """One mount with prefetch: time to complete (5), then touches of
+        pushed pages (4), then writes into the fetched mapping (7, default
+        bdi); a second mount for figure 7 with relaxed bdi limits."""
+        out: dict[str, Any] = {}
+        drop_caches()
+        t_mount = time.perf_counter()
+        with self.mount(pm):
+            t_up = time.perf_counter()
+            wall, s = wait_prefetch(self.mnt, timeout=600)
+            total = time.perf_counter() - t_mount
+            ideal = self.size / (raw_seq_mib_s * MIB)
+            out["f5"] = {"prefetch_seconds": s.get("prefetch_seconds"),
+                         "seconds_from_mount_ready": round(wall, 3),
+                         "seconds_from_mount_start": round(total, 3),
+                         "mount_seconds": round(t_up - t_mount, 3),
+                         "raw_seconds": round(ideal, 3), "pages_remote": s.get("pages_remote"),
+                         "pages_pushed": s.get("pages_pushed"),
+                         "bytes_fetched": s.get("bytes_fetched"),
+                         "push_errors": s.get("push_errors")}
+            out["f5"]["ratio"] = ratio(s.get("prefetch_seconds") or wall, ideal, 3)
+            out["f4"] = self.fig4(s)
+            out["f7_default"] = self.writes()
+        with self.mount(pm, "--bdi-max-ratio", "50", "--bdi-strict-limit", "0"):
+            wait_prefetch(self.mnt, timeout=600)
+            out["f7_bdi50"] = self.writes()
+        return out
+
+    def fig4(self, s: dict[str, Any]) -> dict[str, Any]:
+        """First touches of pushed pages (the mount is complete), and the
+        same touches of a tmpfs file whose pages are all present: what a
+        page-cache hit costs on this machine."""
+        pages = spread(self.remote, self.a.samples, self.rng)
+        m = mapping(self.path, self.size)
+        s0 = stats(self.mnt)
+        hits = touch_timed(m, [p * PS for p in pages])
+        s1 = stats(self.mnt)
+        m.close()
+        tm = mapping(self.tmpfs_file, self.write_bytes())
+        tpages = spread(list(range(self.write_bytes() // PS)), len(pages), self.rng)
+        tmpfs = touch_timed(tm, [p * PS for p in tpages])
+        tm.close()
+        return {"memfs": lat(hits, with_max=True), "tmpfs_hit": lat(tmpfs, with_max=True),
+                "reads_during_touches": s1["reads"] - s0["reads"],
+                "pages_pushed": s.get("pages_pushed")}
+
+    def writes(self) -> dict[str, Any]:
+        """Write 1 byte per page, then memset whole pages, each + msync."""
+        w = self.write_bytes()
+        out: dict[str, Any] = {"bytes": w, "bdi": bdi_of(self.mnt)}
+        s0 = stats(self.mnt)
+        m = mapping(self.path, self.size, write=True)
+        for style in ("byte_per_page", "memset"):
+            out[style] = write_pass(m, w, style)
+        m.close()
+        s1 = stats(self.mnt)
+        out["daemon"] = stat_delta(s0, s1, ("writes", "bytes_written"))
+        out["write_size"] = out["daemon"]["writes"] and \
+            out["daemon"]["bytes_written"] // out["daemon"]["writes"]
+        return out
+
+    def tmpfs_writes(self) -> dict[str, Any]:
+        """The same writes into the tmpfs twin: figure 7's baseline."""
+        w = self.write_bytes()
+        m = mapping(self.tmpfs_file, w, write=True)
+        out: dict[str, Any] = {"bytes": w}
+        for style in ("byte_per_page", "memset"):
+            out[style] = write_pass(m, w, style)
+        m.close()
+        return out
