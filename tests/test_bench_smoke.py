@@ -1,4 +1,5 @@
-"""tools/bench and tools/bench-pagemap run end to end and report every figure.
+"""tools/bench and tools/bench-pagemap run end to end and report every figure;
+tools/benchlib's reader of py-spy profiles takes any raw profile.
 
 No timing assertions: targets live in the benchmarks' own output (DESIGN.md).
 """
@@ -12,13 +13,18 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = [pytest.mark.slow]
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from benchlib.pyspy import IDLE_LEAVES, summarize_profile  # noqa: E402
 
 FIGURES = ("f1", "f2", "f3", "f4", "f5", "f6", "f7_default", "f7_bdi50", "f7_tmpfs")
 
 
+@pytest.mark.slow
 def test_bench_quick_reports_every_figure(needs_fuse) -> None:
     if not shutil.which("qemu-nbd"):
         pytest.skip("needs qemu-nbd")
@@ -42,6 +48,7 @@ def test_bench_quick_reports_every_figure(needs_fuse) -> None:
     assert "memfs" in r.stderr  # the table
 
 
+@pytest.mark.slow
 def test_bench_pagemap_small() -> None:
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench-pagemap"),
                         "--pages", "65536", "--repeat", "1"],
@@ -50,3 +57,40 @@ def test_bench_pagemap_small() -> None:
     res = json.loads(r.stdout)
     assert res["pages"] == 65536 and res["save_fsync"]["min_s"] >= 0
     assert res["load_hot"]["median_s"] >= 0
+
+
+_FRAME = st.sampled_from(["run (memfs/fs.py:10)", "fetch (memfs/fetcher.py:99)",
+                          "read (/x/memfs/disks/file.py:3)", "f (lib.py:1)",
+                          f"{IDLE_LEAVES[0]} (trio/_epoll.py:5)",
+                          f"{IDLE_LEAVES[1]} (trio/_thread.py:7)"])
+_THREAD = st.sampled_from(["<module> (memfs/cli.py:1)", "Thread._bootstrap (threading.py:9)"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_THREAD, st.lists(_FRAME, min_size=1, max_size=6),
+                          st.integers(1, 1000)), max_size=20),
+       st.lists(st.text(max_size=30), max_size=3))
+def test_profile_summary_counts_every_sample_once(tmp_path_factory, stacks, junk) -> None:
+    """Every sample of a raw profile lands in one thread-and-state share;
+    lines that are no stack ("junk") are passed over; an empty profile says so."""
+    path = tmp_path_factory.mktemp("prof") / "p.raw"
+    lines = [f"{';'.join([thread, *frames])} {n}" for thread, frames, n in stacks]
+    path.write_text("\n".join(lines + [j.replace("\n", "") + " x" for j in junk]) + "\n")
+    s = summarize_profile(str(path))
+    total = sum(n for _, _, n in stacks)
+    if not total:
+        assert s == {"samples": 0}
+        return
+    assert s["samples"] == total
+    assert abs(sum(s["split_pct"].values()) - 100) < 0.1 * len(s["split_pct"])
+    busy = sum(n for _, frames, n in stacks if not frames[-1].startswith(IDLE_LEAVES))
+    shares = s["loop_self"] + s["workers_self"]
+    assert all("/" not in name for name, _ in shares)  # paths cut to the file name
+    assert sum(v for _, v in shares) <= 100.0 * busy / total + 0.1 * len(shares)
+    if busy == total:
+        assert not any(k.endswith("_idle") for k in s["split_pct"])
+
+
+def test_profile_summary_of_a_missing_file(tmp_path) -> None:
+    assert summarize_profile(str(tmp_path / "none.raw")) == \
+        {"error": f"no profile at {tmp_path / 'none.raw'}"}
