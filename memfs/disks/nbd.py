@@ -190,9 +190,9 @@ class NBDDisk(Disk):
         req = p.Request(cmd, offset, length, bytearray(length) if cmd == p.CMD_READ else None)
         cookie = next(self._cookies)
         sent_at = conn.received
-        ev = conn.submit(cookie, req, payload)  # _Lost if it is dead already
+        conn.submit(cookie, req, payload)  # _Lost if it is dead already
         try:
-            await ev.wait()
+            await conn.wait(cookie)
         except trio.Cancelled:
             conn.abandon(cookie)
             if scope.cancel_called and conn.received == sent_at:

@@ -11,12 +11,14 @@ knows its disk only through what it is given: the disk's URI for log lines,
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Awaitable, Callable
 
 import trio
 
 from . import nbd_proto as p
 from .base import DiskError
+from .nbd_sock import socket_of
 
 log = logging.getLogger("memfs.nbd")
 
@@ -45,7 +47,10 @@ class Conn:
         self.reader = reader
         self.info = info
         self.pending: dict[int, p.Request] = {}
-        self.events: dict[int, trio.Event] = {}
+        #: cookie -> the task waiting for its reply (None: not waiting yet);
+        #: gone once the reply is in, the connection died or the caller left
+        self.waiters: dict[int, trio.lowlevel.Task | None] = {}
+        self._sock = socket_of(stream)
         self.outq: list[bytes | memoryview] = []
         self.out_lot = trio.lowlevel.ParkingLot()
         self.sending = False
@@ -65,9 +70,9 @@ class Conn:
                                                      self.pending)
                 if done:
                     self.pending.pop(cookie)
-                    ev = self.events.pop(cookie, None)
-                    if ev is not None:
-                        ev.set()
+                    task = self.waiters.pop(cookie, None)
+                    if task is not None:
+                        trio.lowlevel.reschedule(task)
         except DiskError as e:
             reason = str(e)
             self.lied = isinstance(e, p.NBDProtocolError)
@@ -86,9 +91,10 @@ class Conn:
             self.death = reason
             self._on_death(self, reason)
         self.out_lot.unpark_all()
-        for ev in self.events.values():
-            ev.set()
-        self.events.clear()
+        waiters, self.waiters = self.waiters, {}
+        for task in waiters.values():
+            if task is not None:
+                trio.lowlevel.reschedule(task)
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
 
@@ -99,7 +105,7 @@ class Conn:
 
     def abandon(self, cookie: int) -> None:
         """The caller gave up on ``cookie``: its reply is still read, and dropped."""
-        self.events.pop(cookie, None)
+        self.waiters.pop(cookie, None)
 
     def lost(self, cookie: int) -> bool:
         """True if ``cookie`` was woken by the connection dying, not by its reply."""
@@ -117,23 +123,45 @@ class Conn:
         await self.kill(reason)
 
     def submit(self, cookie: int, req: p.Request,
-               payload: bytes | memoryview | None) -> trio.Event:
-        """Register a request and queue it for the writer task.
+               payload: bytes | memoryview | None) -> None:
+        """Register a request and send it, or queue it for the writer task.
 
-        Queuing is synchronous, so a caller cancelled at any point can never
-        leave half a request on the wire; the writer batches whatever is
-        queued into one send.
+        Synchronous, so a caller cancelled at any point can never leave half
+        a request on the wire.  With nothing queued, a request without
+        payload goes straight to the non-blocking socket (no task to wake);
+        what the kernel does not take, and everything else, the writer sends
+        in order, batching whatever is queued into one send.
         """
         if not self.alive:
             raise Lost(self.death or "connection is closed")
-        ev = trio.Event()
         self.pending[cookie] = req
-        self.events[cookie] = ev
-        self.outq.append(p.encode_request(req.cmd, cookie, req.offset, req.length))
+        self.waiters[cookie] = None
+        head = p.encode_request(req.cmd, cookie, req.offset, req.length)
+        if payload is None and self._sock is not None and not self.outq and not self.sending:
+            try:
+                sent = os.write(self._sock.fileno(), head)
+            except OSError:  # full, or broken: the writer finds out which
+                sent = 0
+            if sent == len(head):
+                return
+            head = head[sent:]
+        self.outq.append(head)
         if payload is not None:
             self.outq.append(payload)
         self.out_lot.unpark_all()
-        return ev
+
+    async def wait(self, cookie: int) -> None:
+        """Until ``cookie``'s reply is in or the connection died (``lost``
+        tells which).  Cancelled: the reply is still read, and dropped."""
+        if cookie not in self.waiters:
+            await trio.lowlevel.checkpoint()
+            return
+        self.waiters[cookie] = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.waiters.pop(cookie, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def run_writer(self) -> None:
         """Send queued requests in order, as few sends as possible."""

@@ -17,6 +17,7 @@ from .nbd_proto import (FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOC
                         OPT_EXPORT_NAME, OPT_GO, OPT_REPLY_MAGIC, OPT_STRUCTURED_REPLY,
                         REP_ACK, REP_ERR, REP_ERR_NAMES, REP_ERR_UNSUP, REP_INFO, ExportInfo,
                         NBDConnectionLost, NBDProtocolError, Reader)
+from .nbd_sock import make_reader
 
 
 def encode_option(opt: int, data: bytes = b"") -> bytes:
@@ -53,7 +54,7 @@ async def handshake(stream: trio.abc.Stream, export: str, *,
     NBD_INFO_BLOCK_SIZE (which commits us to the server's limits); falls back
     to NBD_OPT_EXPORT_NAME only for servers without NBD_OPT_GO.
     """
-    reader = Reader(stream)
+    reader = make_reader(stream)  # a socket's is read without trio's stream layer
     try:
         magic, second, hflags = struct.unpack(">QQH", await reader.exactly(18))
         if magic != NBDMAGIC:

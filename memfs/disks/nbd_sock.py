@@ -1,0 +1,112 @@
+"""The socket under an NBD connection, used without trio's stream layer.
+
+trio's ``SocketStream`` yields to the scheduler after every send and every
+receive, even when the kernel took or had the bytes at once (a checkpoint
+per call).  A 4 KiB read then costs the loop several passes: the writer task
+woken, its send, its checkpoint, the reader's receive, its checkpoint, the
+caller.  On a real socket the connection calls the non-blocking socket
+itself and waits (``wait_readable``) only when the kernel has nothing yet:
+one pass per reply.  Error texts are trio's, so logs and ``DiskError``
+messages read the same on both paths.  Other streams (trio's memory streams
+in tests) keep the plain :class:`nbd_proto.Reader`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import trio
+
+from . import nbd_proto as p
+
+#: socket errors that mean "closed here", as trio maps them
+_CLOSED = {errno.EBADF, errno.ENOTSOCK}
+#: replies parsed from the kernel's buffer without a wait before the reader
+#: lets the other tasks run (a cancel point too)
+_SPIN = 64
+#: a payload still missing at least this much is received in place
+INTO_MIN = 64 << 10
+
+
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under ``stream`` if it is a plain socket stream."""
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+def lost(e: OSError) -> p.NBDConnectionLost:
+    """trio's words for a failed socket call, as the connection reports them."""
+    if e.errno in _CLOSED:
+        return p.NBDConnectionLost("connection lost: this socket was already closed")
+    return p.NBDConnectionLost(f"connection lost: socket connection broken: {e}")
+
+
+def make_reader(stream: trio.abc.Stream) -> p.Reader:
+    sock = socket_of(stream)
+    return p.Reader(stream) if sock is None else SocketReader(stream, sock)
+
+
+class SocketReader(p.Reader):
+    """:class:`nbd_proto.Reader` on the bare non-blocking socket."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, sock: trio.socket.SocketType) -> None:
+        super().__init__(stream)
+        self._sock = sock
+        self._spins = 0
+
+    def _fd(self) -> int:
+        fd = self._sock.fileno()
+        if fd < 0:  # closed by the connection: never read a reused number
+            raise p.NBDConnectionLost("connection lost: this socket was already closed")
+        return fd
+
+    async def _wait(self) -> None:
+        self._spins = 0
+        try:
+            await trio.lowlevel.wait_readable(self._sock)
+        except trio.ClosedResourceError:
+            raise p.NBDConnectionLost("connection lost: this socket was already closed") \
+                from None
+
+    async def _got(self, n: int) -> None:
+        if not n:
+            raise p.NBDConnectionLost("server closed the connection")
+        self.received += n
+        self._spins += 1
+        if self._spins >= _SPIN:
+            self._spins = 0
+            await trio.lowlevel.checkpoint()
+
+    async def _fill(self, want: int) -> None:
+        size = min(max(want, 256 << 10), p.MAX_RECEIVE)
+        while True:
+            try:
+                chunk = os.read(self._fd(), size)
+                break
+            except BlockingIOError:
+                await self._wait()
+            except OSError as e:
+                raise lost(e) from None
+        self._buf += chunk
+        await self._got(len(chunk))
+
+    async def into(self, view: memoryview) -> None:
+        """Fill ``view``: what is buffered, then large remainders straight
+        from the socket into place (no intermediate bytes)."""
+        n = len(view)
+        have = min(n, len(self._buf))
+        if have:
+            view[:have] = self._buf[:have]
+            del self._buf[:have]
+        while n - have >= INTO_MIN:
+            try:
+                k = os.readv(self._fd(), [view[have:]])
+            except BlockingIOError:
+                await self._wait()
+                continue
+            except OSError as e:
+                raise lost(e) from None
+            have += k
+            await self._got(k)
+        if have < n:
+            await super().into(view[have:])
