@@ -80,8 +80,14 @@ class PageServer:
         self.dirty = DirtySet({n: s // 4096 for n, s in regions.items()})
         #: memfs.state.Journal: told of every page made LOCAL before it counts
         self.journal: PageJournal = NO_JOURNAL
+        #: region -> page -> the bytes a prefetch batch kept, held while its
+        #: push runs: the push's READs are answered from them, not from the
+        #: store.  Filled under the region lock as the pages turn LOCAL;
+        #: a WRITE drops its pages under that lock before it stores anything
+        self._pushing: dict[str, dict[int, memoryview]] = {n: {} for n in regions}
         #: fetched pages the store could not keep (full): served unkept
         stats.counters.setdefault("store_write_errors", 0)
+        stats.counters.setdefault("pages_push_held_hits", 0)
         for name, size in regions.items():
             store.open_region(name, size)
         stats.gauges.append(self._gauges)
@@ -186,7 +192,7 @@ class PageServer:
 
     # -- READ ------------------------------------------------------------------
 
-    async def read(self, name: str, offset: int, size: int) -> bytes:
+    async def read(self, name: str, offset: int, size: int) -> bytes | bytearray:
         t0 = time.perf_counter()
         region = await self._region(name)
         end = min(offset + size, region.size)
@@ -202,6 +208,8 @@ class PageServer:
         self.stats.add("bytes_read", end - offset)
         self.stats.record_read(time.perf_counter() - t0)
         lo = offset - first * ps
+        if lo == 0 and len(data) == end - offset:
+            return data  # whole pages (the kernel's usual READ): no copy
         return data[lo:lo + end - offset]
 
     async def _read_pages(self, region: Region, first: int, count: int) -> bytes | bytearray:
@@ -272,20 +280,33 @@ class PageServer:
             if self.fetcher is not None:
                 self.fetcher.settled(region, got)
 
-    async def prefetch(self, region: Region, pages: list[int]
+    async def prefetch(self, region: Region, pages: list[int], *, hold: bool = False
                        ) -> tuple[list[int], dict[int, memoryview]]:
         """Fetch ``pages`` at prefetch priority and keep them: (the pages kept,
         every verified page's bytes).  A failure is logged, not raised: the
-        pages that failed stay remote and a READ fetches them again."""
+        pages that failed stay remote and a READ fetches them again.
+        ``hold``: READs are answered from the kept pages' bytes until
+        ``release`` (the batch's push), not from the store."""
         assert self.fetcher is not None
         try:
             got = await self.fetcher.fetch(region, pages, prefetch=True)
         except FetchError as e:
             got = e.partial
             log.error("prefetch: %s", e)
-        return await self.keep(region, got), got
+        try:
+            kept = await self._keep(region, got, hold=hold)
+        finally:
+            self.fetcher.settled(region, got)
+        return kept, got
 
-    async def _keep(self, region: Region, got: dict[int, memoryview]) -> list[int]:
+    def release(self, region: Region, pages: list[int]) -> None:
+        """The push of ``pages`` is over: READs of them go to the store."""
+        held = self._pushing[region.name]
+        for p in pages:
+            held.pop(p, None)
+
+    async def _keep(self, region: Region, got: dict[int, memoryview],
+                    hold: bool = False) -> list[int]:
         ps = region.page_size
         states = region.states
         async with self._locks[region.name]:
@@ -305,25 +326,44 @@ class PageServer:
                 return []
             for p0, n in spans:
                 region.set_states(p0, p0 + n, LOCAL)  # counted per stretch, in C
+            if hold:  # still under the lock: a WRITE after this drops them
+                held = self._pushing[region.name]
+                for p in pages:
+                    held[p] = got[p]
         return pages
 
     async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray,
                           skip: Sequence[int] = ()) -> None:
         """Overlay pages that are LOCAL now (read after the fetch: a write that
-        raced with it wins)."""
+        raced with it wins), from a push's held bytes or straight from the
+        store into ``buf``."""
         ps = region.page_size
         states = region.states
         done = set(skip)
-        local = [p for p in range(first, first + count) if states[p] == LOCAL and p not in done]
+        held = self._pushing[region.name]
+        view = memoryview(buf)
+        local: list[int] = []
+        hits = 0
+        for p in range(first, first + count):
+            if states[p] != LOCAL or p in done:
+                continue
+            data = held.get(p)
+            if data is not None:  # no await until copied: a WRITE cannot slip in
+                at = (p - first) * ps
+                view[at:at + ps] = data
+                hits += 1
+            else:
+                local.append(p)
+        if hits:
+            self.stats.add("pages_push_held_hits", hits)
         if not local:
             return
-        spans = _stretches(local)
+        items = [(p * ps, view[(p - first) * ps:(p - first + n) * ps])
+                 for p, n in _stretches(local)]
         try:
-            datas = await self.store.read_many(region.name, [(p * ps, n * ps) for p, n in spans])
+            await self.store.read_into(region.name, items)
         except OSError as e:
             raise PageIOError(errno.EIO, f"local store read failed: {e}") from None
-        for (p, n), data in zip(spans, datas):
-            buf[(p - first) * ps:(p - first + n) * ps] = data
 
     async def _store_read(self, name: str, offset: int, length: int) -> bytes:
         try:
@@ -350,6 +390,10 @@ class PageServer:
                 buf = fetched[p] = bytearray(ps)
                 await self._fetch_into(region, p, buf, [p])
         async with self._locks[name]:
+            held = self._pushing[name]
+            if held:  # a push's bytes of these pages are stale from now on
+                for p in range(first, last):
+                    held.pop(p, None)
             if partial:
                 lo = offset - first * ps
                 merged = bytearray((last - first) * ps)

@@ -62,6 +62,9 @@ class Residency:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.cached(0, 1)
+            # twice the mount's read-ahead for this descriptor alone: a push
+            # reaches the daemon as half as many READs, twice as large
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             os.close(self.fd)
             raise
@@ -200,10 +203,14 @@ class Prefetcher:
             if not chunk:
                 return
             t = time.monotonic()
-            kept, _ = await self.pages.prefetch(region, chunk)
+            push = res is not None
+            kept, _ = await self.pages.prefetch(region, chunk, hold=push)
             self.stats.add("pages_prefetched", len(kept))
-            if res is not None and kept:
-                await self._push(region, res, kept)
+            if push and kept:
+                try:  # its READs are answered from the fetched bytes
+                    await self._push(region, res, kept)  # type: ignore[arg-type]
+                finally:
+                    self.pages.release(region, kept)
             if self.rate:
                 spent = time.monotonic() - t
                 await trio.sleep(max(0.0, len(chunk) * region.page_size / self.rate - spent))

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import trio
 
 from memfs.capture import capture
 from memfs.pagemap import PageMap, PageState, Region
@@ -62,6 +63,49 @@ async def test_prefetch_completes_into_the_store(tmp_path, ram) -> None:
     assert stats.counters["pages_prefetched"] == pm.counts()["pages_local"]
     os.truncate(tmp_path / "vol", 0)  # the disk is no longer needed
     assert await server.read("ram0", 0, len(data)) == data
+
+
+class _NoResidency:
+    def close(self) -> None:
+        pass
+
+
+async def test_write_racing_a_push_read_is_answered_with_the_written_bytes(tmp_path,
+                                                                           ram) -> None:
+    """A push's READs are answered from the batch's fetched bytes; a WRITE
+    that lands on one of those pages while the push runs must win: the READ
+    after it returns the written bytes, never the held fetched ones."""
+    path, data = ram
+    await capture([("ram0", path)], str(tmp_path / "vol"), str(tmp_path / "pm"),
+                  progress=False)
+    pm = PageMap.load(tmp_path / "pm")
+    server, _, stats = await make_server(tmp_path, pm)
+    seen: list[tuple[int, bytes, bytes]] = []
+
+    def populate(res: object, offset: int, length: int) -> int:
+        """The kernel's part, in the push's thread: the guest writes the
+        first page whole and two bytes of the last one, then READs come."""
+        last = offset + length - PS
+        trio.from_thread.run(server.write, "ram0", offset, b"W" * PS)
+        trio.from_thread.run(server.write, "ram0", last + 100, b"xy")
+        got = trio.from_thread.run(server.read, "ram0", offset, length)
+        want = bytearray(data[offset:offset + length])
+        want[:PS] = b"W" * PS
+        want[length - PS + 100:length - PS + 102] = b"xy"
+        seen.append((offset, bytes(got), bytes(want)))
+        return 0
+
+    pf = Prefetcher(server, stats, mountpoint=str(tmp_path), batch=64 * PS,
+                    residency=lambda _: _NoResidency(), populate=populate)  # type: ignore
+    await pf.run()
+    assert seen and pm.counts()["pages_remote"] == 0
+    for offset, got, want in seen:
+        assert got == want, f"push READ at {offset} did not return the written bytes"
+    # the pages between were answered from the held bytes, and none stays held
+    assert stats.counters["pages_push_held_hits"] > 0
+    assert server._pushing["ram0"] == {}
+    for offset, _, want in seen:
+        assert await server.read("ram0", offset, len(want)) == want
 
 
 @pytest.mark.mount
