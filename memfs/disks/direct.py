@@ -41,6 +41,24 @@ GAP = 64 << 10
 #: prefetcher (which reads its next batch itself) or from 1 MiB READs of a
 #: huge-page mapping (four to a touch, then elsewhere)
 RA_TRIGGER = 256 << 10
+_HUGE = 2 << 20
+
+
+def _anon(length: int) -> mmap.mmap:
+    """A page-aligned buffer for O_DIRECT: private anonymous memory (a
+    shared one is a shmem file: every page the kernel pins for the read is
+    allocated, zeroed and indexed in it, and unmapping truncates it), in
+    huge pages from 2 MiB on.  io_submit pins the buffer on the trio loop:
+    for a fresh 4 MiB read that took 3.2-3.5 ms in small private pages,
+    3.8-5.9 ms in shmem and 1.0-1.6 ms in huge pages (/var/tmp on ext4,
+    virtio disk, measured)."""
+    buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
+    if length >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without THP: small pages then
+            pass
+    return buf
 
 
 class _Window:
@@ -148,7 +166,7 @@ class DirectReader:
         end = min(start + size, self.size - self.size % ALIGN)
         if end - start < ALIGN or self._aio.inflight >= DEPTH - 2:
             return
-        buf = mmap.mmap(-1, end - start)
+        buf = _anon(end - start)
         key = next(self._keys)
         self._aio.submit(self.fd, buf, start, key)
         self.stats["direct_readahead_bytes"] += end - start
@@ -159,9 +177,9 @@ class DirectReader:
     async def _read(self, offset: int, length: int) -> tuple[bytes | memoryview, int]:
         small = length <= SMALL
         if small:
-            buf = self._pool.pop() if self._pool else mmap.mmap(-1, SMALL)
+            buf = self._pool.pop() if self._pool else _anon(SMALL)
         else:
-            buf = mmap.mmap(-1, length)
+            buf = _anon(length)
         key = next(self._keys)
         view = memoryview(buf)[:length]
         self._aio.submit(self.fd, view, offset, key)
