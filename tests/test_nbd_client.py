@@ -105,6 +105,39 @@ async def test_qemu_nbd_many_in_flight_random(tmp_path: object) -> None:
             assert f.read() == bytes(ref)
 
 
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+async def test_reads_on_a_socket_skip_the_writer_task(tmp_path: object, tcp: bool) -> None:
+    """On a real socket a read is written by its caller and its reply read
+    from the bare socket (issue 11): the writer task sends nothing, the
+    reader is the socket one, and the bytes (4 KiB to 2 MiB, one reply and
+    replies received in place) are right; 32 readers at once too."""
+    from memfs.disks.nbd_sock import SocketReader
+    rng = random.Random(5)
+    data = rng.randbytes(8 * MiB)
+    img = make_image(str(tmp_path / "d.raw"), 8 * MiB, data=data)  # type: ignore
+    with qemu_nbd(img, tcp=tcp) as srv:
+        with trio.fail_after(60):
+            disk = await nbd_open(srv.uri, connections=1)
+            (conn,) = disk._pool.conns
+            assert isinstance(conn.reader, SocketReader)
+            for off, n in [(0, 4096), (12345, 4096), (MiB - 7, 2 * MiB), (5 * MiB, 300000)]:
+                assert await disk.read(off, n) == data[off:off + n]
+                assert not conn.outq and not conn.sending and not conn.waiters
+
+            async def reader(k: int) -> None:
+                r = random.Random(k)
+                for _ in range(16):
+                    off = r.randrange(0, 8 * MiB - 70000)
+                    ln = r.randrange(1, 70000)
+                    assert await disk.read(off, ln) == data[off:off + ln]
+            async with trio.open_nursery() as n:
+                for k in range(32):
+                    n.start_soon(reader, k)
+            assert not conn.waiters and not conn.pending
+            assert disk.stats()["nbd_errors"] == 0
+            await disk.aclose()
+
+
 async def test_qemu_nbd_read_only_and_unknown_export(tmp_path: object) -> None:
     img = make_image(str(tmp_path / "d.raw"), MiB, data=b"abc")  # type: ignore
     with qemu_nbd(img, read_only=True, export="ro") as srv:
