@@ -51,7 +51,12 @@ def _anon(length: int) -> mmap.mmap:
     huge pages from 2 MiB on.  io_submit pins the buffer on the trio loop:
     for a fresh 4 MiB read that took 3.2-3.5 ms in small private pages,
     3.8-5.9 ms in shmem and 1.0-1.6 ms in huge pages (/var/tmp on ext4,
-    virtio disk, measured)."""
+    virtio disk, measured).  A read of 1 MiB and more gets whole huge pages
+    (a 1 MiB read: 2 MiB mapped; submit 0.23 ms instead of 0.6-0.7, the
+    read 1.1 ms instead of 1.7); the buffer lives only until the pages are
+    stored."""
+    if length >= _HUGE // 2 and hasattr(mmap, "MADV_HUGEPAGE"):
+        length = -(-length // _HUGE) * _HUGE
     buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
     if length >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
@@ -166,9 +171,9 @@ class DirectReader:
         end = min(start + size, self.size - self.size % ALIGN)
         if end - start < ALIGN or self._aio.inflight >= DEPTH - 2:
             return
-        buf = _anon(end - start)
+        buf = _anon(end - start)  # perhaps larger (whole huge pages)
         key = next(self._keys)
-        self._aio.submit(self.fd, buf, start, key)
+        self._aio.submit(self.fd, memoryview(buf)[:end - start], start, key)
         self.stats["direct_readahead_bytes"] += end - start
         self._windows.append(_Window(start, end, key, buf))
         while len(self._windows) > RA_WINDOWS:
