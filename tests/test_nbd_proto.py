@@ -194,6 +194,27 @@ async def test_chunks_out_of_order_with_hole() -> None:
     assert bytes(req.buf or b"") == b"a" * 100 + bytes(100) + b"c" * 100
 
 
+async def test_whole_read_replies_and_the_general_path_agree() -> None:
+    """A read answered by one DONE data chunk is taken in one step (issue 11);
+    beside it, a read answered in pieces and one whose single chunk starts
+    elsewhere than asked go the general way (the last is a lie)."""
+    a, b, c, d = read_req(0, 8), read_req(8, 8), read_req(16, 8), read_req(24, 8)
+    wire = (chunk(2, p.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 8) + b"B" * 8, True)
+            + chunk(1, p.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"A" * 8, True)
+            + chunk(3, p.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 20) + b"c" * 4)
+            + chunk(3, p.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 16) + b"C" * 4, True)
+            + chunk(4, p.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 25) + b"D" * 8, True))
+    r = await feed(wire)
+    pending = {1: a, 2: b, 3: c, 4: d}
+    got = [await p.receive_reply(r, True, pending) for _ in range(4)]
+    assert got == [(2, True), (1, True), (3, False), (3, True)]
+    assert (a.buf, b.buf, c.buf) == (bytearray(b"A" * 8), bytearray(b"B" * 8),
+                                     bytearray(b"CCCCcccc"))
+    assert (a.chunks, b._seen) == (1, [(8, 16)])
+    with pytest.raises(p.NBDProtocolError, match=r"chunk 25\+8 outside the request 24\+8"):
+        await p.receive_reply(r, True, pending)
+
+
 async def test_error_chunk_sets_error() -> None:
     req = read_req(0, 512)
     r = await feed(chunk(3, p.REPLY_TYPE_ERROR, struct.pack(">IH", p.EIO, 4) + b"oops", done=True))

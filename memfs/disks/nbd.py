@@ -42,6 +42,10 @@ MAX_CONNECTIONS = 4
 _FATAL_ERRNOS = {p.EPERM, p.EINVAL, p.ENOSPC, p.EOVERFLOW, p.ENOTSUP}
 
 
+def _what(cmd: int, offset: int, length: int) -> str:
+    """A request in words, for log lines and errors."""
+    return f"{p.CMD_NAMES[cmd]} of {length} bytes at {offset}"
+
 
 class NBDDisk(Disk):
     """An NBD export, read (and for capture written) over up to 4 connections."""
@@ -129,7 +133,6 @@ class NBDDisk(Disk):
         The deadline is ``timeout`` seconds from now, or the caller's
         ``deadline`` if nearer: the request fails then, whatever it took.
         """
-        what = f"{p.CMD_NAMES[cmd]} of {length} bytes at {offset}"
         self._stats["nbd_requests"] += 1
         self._stats["nbd_in_flight"] += 1
         last = "no reply from the server"
@@ -152,7 +155,8 @@ class NBDDisk(Disk):
                             self._stats["nbd_retries"] += 1
                         self._stats["nbd_resent"] += 1
                         if e.woken:
-                            log.info("%s: %s resent after connection loss", self.uri, what)
+                            log.info("%s: %s resent after connection loss", self.uri,
+                                     _what(cmd, offset, length))
                         continue
                     if not req.error:
                         return req.buf
@@ -163,7 +167,8 @@ class NBDDisk(Disk):
                         break
                     errors += 1
                     self._stats["nbd_retries"] += 1
-                    log.warning("%s: %s failed (%s); retry %d of %d", self.uri, what, last,
+                    log.warning("%s: %s failed (%s); retry %d of %d", self.uri,
+                                _what(cmd, offset, length), last,
                                 errors, self.retries)
                     await trio.sleep(min(0.02 * 4 ** (errors - 1), 1.0))
             if scope.cancelled_caught:
@@ -177,6 +182,7 @@ class NBDDisk(Disk):
         finally:
             self._stats["nbd_in_flight"] -= 1
         self._stats["nbd_errors"] += 1
+        what = _what(cmd, offset, length)  # only now: the hot path formats nothing
         log.error("%s: %s failed: %s", self.uri, what, last)
         raise DiskError(f"{self.uri}: {what} failed: {last}")
 

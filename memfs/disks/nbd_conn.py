@@ -66,6 +66,8 @@ class Conn:
         reason = "closed"
         try:
             while True:
+                if not self.pending:  # nothing can come: wait before reading
+                    await self.reader.idle()
                 cookie, done = await p.receive_reply(self.reader, self.info.structured,
                                                      self.pending)
                 if done:

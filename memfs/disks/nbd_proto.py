@@ -103,6 +103,7 @@ MAX_RECEIVE = 4 << 20
 _REQ = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IQ")          # after the 4-byte magic: error, cookie
 _CHUNK = struct.Struct(">HHQI")         # after the magic: flags, type, cookie, length
+_DATA_HEAD = struct.Struct(">IHHQIQ")   # magic, flags, type, cookie, length, data offset
 
 
 class NBDProtocolError(DiskError):
@@ -159,6 +160,10 @@ class Reader:
             raise NBDConnectionLost("server closed the connection")
         self.received += len(chunk)
         self._buf += chunk
+
+    async def idle(self) -> None:
+        """Nothing is expected; a socket reader waits for bytes here (rather
+        than try a read that fails), a stream's reader has nothing to do."""
 
     async def exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
@@ -224,6 +229,13 @@ async def receive_reply(reader: Reader, structured: bool,
     ``error``/``buf`` are final.  A reply for a cookie not in ``pending``,
     data outside the request, overlaps or a gap at the end are lies.
     """
+    if structured:
+        if not reader._buf:
+            await reader._fill(_DATA_HEAD.size)
+        if len(reader._buf) >= _DATA_HEAD.size:
+            cookie = await _whole_read_reply(reader, pending)
+            if cookie is not None:
+                return cookie, True
     (magic,) = struct.unpack(">I", await reader.exactly(4))
     if magic == SIMPLE_REPLY_MAGIC:
         return await _simple_reply(reader, structured, pending), True
@@ -248,6 +260,27 @@ async def receive_reply(reader: Reader, structured: bool,
     if done and not req.error and req.cmd == CMD_READ:
         _check_covered(req)
     return cookie, done
+
+
+async def _whole_read_reply(reader: Reader, pending: dict[int, Request]) -> int | None:
+    """The usual answer to a read, taken in one step: one OFFSET_DATA chunk
+    with DONE holding the whole request, its header already buffered.  Its
+    cookie, or None (nothing consumed) for anything else, which the general
+    path then reads and checks."""
+    magic, flags, rtype, cookie, length, off = _DATA_HEAD.unpack_from(reader._buf)
+    if magic != STRUCTURED_REPLY_MAGIC or rtype != REPLY_TYPE_OFFSET_DATA \
+            or not flags & REPLY_FLAG_DONE:
+        return None
+    req = pending.get(cookie)
+    if req is None or req.cmd != CMD_READ or req.chunks or off != req.offset \
+            or length - 8 != req.length or not req.length:
+        return None
+    assert req.buf is not None
+    del reader._buf[:_DATA_HEAD.size]
+    req.chunks = 1
+    req._seen.append((off, off + req.length))
+    await reader.into(memoryview(req.buf))
+    return cookie
 
 
 async def _simple_reply(reader: Reader, structured: bool, pending: dict[int, Request]) -> int:

@@ -68,6 +68,10 @@ class SocketReader(p.Reader):
             raise p.NBDConnectionLost("connection lost: this socket was already closed") \
                 from None
 
+    async def idle(self) -> None:
+        if not self._buf:
+            await self._wait()
+
     async def _got(self, n: int) -> None:
         if not n:
             raise p.NBDConnectionLost("server closed the connection")
