@@ -17,6 +17,9 @@
  *   ctx.close()
  *
  * Only raw syscalls: no libaio needed at build or run time.
+ *
+ *   scatter(dst, first, page_size, {page: data})
+ *                             copy fetched pages into a READ's buffer
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -234,6 +237,65 @@ aio_get_inflight(AIOObject *self, void *closure)
     return PyLong_FromLong(self->inflight);
 }
 
+/* scatter(dst, first, page_size, pages): for every (page, data) of the dict
+ * pages, copy data (a buffer of page_size bytes) to dst at
+ * (page - first) * page_size.  One call instead of a Python slice
+ * assignment per page (the fetched pages of a READ, or a push's held
+ * pages); everything is checked before the first byte is copied. */
+static PyObject *
+fast_scatter(PyObject *module, PyObject *args)
+{
+    Py_buffer dst;
+    long long first, ps;
+    PyObject *pages;
+    if (!PyArg_ParseTuple(args, "w*LLO!", &dst, &first, &ps, &PyDict_Type, &pages))
+        return NULL;
+    PyObject *ret = NULL;
+    Py_ssize_t n = PyDict_Size(pages), pos = 0, i = 0;
+    Py_buffer *views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    long long *at = PyMem_Calloc(n ? n : 1, sizeof(long long));
+    PyObject *key, *val;
+    if (!views || !at) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (ps <= 0) {
+        PyErr_SetString(PyExc_ValueError, "page_size must be positive");
+        goto out;
+    }
+    while (PyDict_Next(pages, &pos, &key, &val)) {
+        long long p = PyLong_AsLongLong(key);
+        if (p == -1 && PyErr_Occurred())
+            goto out;
+        if (PyObject_GetBuffer(val, &views[i], PyBUF_SIMPLE) < 0)
+            goto out;
+        i++;
+        at[i - 1] = (p - first) * ps;
+        if (p < first || views[i - 1].len != ps || at[i - 1] + ps > dst.len) {
+            PyErr_Format(PyExc_ValueError, "page %lld (%zd bytes) does not fit", p,
+                         views[i - 1].len);
+            goto out;
+        }
+    }
+    for (Py_ssize_t j = 0; j < i; j++)
+        memcpy((char *)dst.buf + at[j], views[j].buf, (size_t)ps);
+    ret = Py_None;
+    Py_INCREF(ret);
+out:
+    for (Py_ssize_t j = 0; j < i; j++)
+        PyBuffer_Release(&views[j]);
+    PyMem_Free(views);
+    PyMem_Free(at);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static PyMethodDef fast_functions[] = {
+    {"scatter", fast_scatter, METH_VARARGS,
+     "scatter(dst, first, page_size, {page: data}): copy each page into dst"},
+    {NULL}
+};
+
 static PyMethodDef aio_methods[] = {
     {"submit", (PyCFunction)aio_submit, METH_VARARGS,
      "submit(fd, buf, offset, key): read len(buf) bytes at offset into buf"},
@@ -264,7 +326,8 @@ static PyTypeObject AIOType = {
 
 static struct PyModuleDef fastmodule = {
     PyModuleDef_HEAD_INIT, "memfs._fast",
-    "Compiled helpers for memfs's hot path (Linux native AIO reads).", -1, NULL
+    "Compiled helpers for memfs's hot path (Linux native AIO reads, page copies).", -1,
+    fast_functions
 };
 
 PyMODINIT_FUNC

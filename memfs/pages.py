@@ -25,6 +25,14 @@ from .stats import Stats
 from .store import LocalStore
 from .trace import Trace
 
+try:
+    from ._fast import scatter
+except ImportError:  # an extension built before scatter existed (tools/setup rebuilds)
+    def scatter(dst: Any, first: int, ps: int, pages: dict[int, memoryview]) -> None:
+        for p, data in pages.items():
+            at = (p - first) * ps
+            dst[at:at + ps] = data
+
 log = logging.getLogger("memfs.pages")
 LOCAL = PageState.LOCAL
 REMOTE = PageState.REMOTE
@@ -246,9 +254,7 @@ class PageServer:
             # verified neighbours are still worth keeping for the next READ
             await self.keep(region, e.partial)
             raise PageIOError(errno.EIO, str(e)) from None
-        for p, data in got.items():
-            at = (p - first) * ps
-            buf[at:at + ps] = data
+        scatter(buf, first, ps, got)  # one call, not a slice per page
         # Pages another fetch brought (joined, or fetched and not yet stored)
         # are kept here and now, behind that fetch's own store write: a READ
         # answers once its pages are stored, as when it fetched them itself.
@@ -341,23 +347,22 @@ class PageServer:
         states = region.states
         done = set(skip)
         held = self._pushing[region.name]
-        view = memoryview(buf)
         local: list[int] = []
-        hits = 0
+        hits: dict[int, memoryview] = {}
         for p in range(first, first + count):
             if states[p] != LOCAL or p in done:
                 continue
             data = held.get(p)
-            if data is not None:  # no await until copied: a WRITE cannot slip in
-                at = (p - first) * ps
-                view[at:at + ps] = data
-                hits += 1
+            if data is not None:
+                hits[p] = data
             else:
                 local.append(p)
-        if hits:
-            self.stats.add("pages_push_held_hits", hits)
+        if hits:  # copied before any await: a WRITE cannot slip in between
+            scatter(buf, first, ps, hits)
+            self.stats.add("pages_push_held_hits", len(hits))
         if not local:
             return
+        view = memoryview(buf)
         items = [(p * ps, view[(p - first) * ps:(p - first + n) * ps])
                  for p, n in _stretches(local)]
         try:
