@@ -42,9 +42,17 @@ MAX_CONNECTIONS = 4
 _FATAL_ERRNOS = {p.EPERM, p.EINVAL, p.ENOSPC, p.EOVERFLOW, p.ENOTSUP}
 
 
-def _what(cmd: int, offset: int, length: int) -> str:
-    """A request in words, for log lines and errors."""
-    return f"{p.CMD_NAMES[cmd]} of {length} bytes at {offset}"
+class _What:
+    """A request in words for log lines and errors, put into words only when
+    one is written (the hot path formats nothing)."""
+
+    __slots__ = ("cmd", "offset", "length")
+
+    def __init__(self, cmd: int, offset: int, length: int) -> None:
+        self.cmd, self.offset, self.length = cmd, offset, length
+
+    def __str__(self) -> str:
+        return f"{p.CMD_NAMES[self.cmd]} of {self.length} bytes at {self.offset}"
 
 
 class NBDDisk(Disk):
@@ -133,6 +141,7 @@ class NBDDisk(Disk):
         The deadline is ``timeout`` seconds from now, or the caller's
         ``deadline`` if nearer: the request fails then, whatever it took.
         """
+        what = _What(cmd, offset, length)
         self._stats["nbd_requests"] += 1
         self._stats["nbd_in_flight"] += 1
         last = "no reply from the server"
@@ -155,8 +164,7 @@ class NBDDisk(Disk):
                             self._stats["nbd_retries"] += 1
                         self._stats["nbd_resent"] += 1
                         if e.woken:
-                            log.info("%s: %s resent after connection loss", self.uri,
-                                     _what(cmd, offset, length))
+                            log.info("%s: %s resent after connection loss", self.uri, what)
                         continue
                     if not req.error:
                         return req.buf
@@ -167,8 +175,7 @@ class NBDDisk(Disk):
                         break
                     errors += 1
                     self._stats["nbd_retries"] += 1
-                    log.warning("%s: %s failed (%s); retry %d of %d", self.uri,
-                                _what(cmd, offset, length), last,
+                    log.warning("%s: %s failed (%s); retry %d of %d", self.uri, what, last,
                                 errors, self.retries)
                     await trio.sleep(min(0.02 * 4 ** (errors - 1), 1.0))
             if scope.cancelled_caught:
@@ -182,7 +189,6 @@ class NBDDisk(Disk):
         finally:
             self._stats["nbd_in_flight"] -= 1
         self._stats["nbd_errors"] += 1
-        what = _what(cmd, offset, length)  # only now: the hot path formats nothing
         log.error("%s: %s failed: %s", self.uri, what, last)
         raise DiskError(f"{self.uri}: {what} failed: {last}")
 
