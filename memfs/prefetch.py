@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -94,15 +95,29 @@ def read_through(res: Residency, offset: int, length: int) -> int:
     answer those READs.  The bytes only cross into this buffer: one copy,
     about 1 ms per 4 MiB batch."""
     before = res.cached(offset, length)
-    buf = bytearray(min(length, 4 << 20))
-    view = memoryview(buf)
+    view = _scratch()
     at, end = offset, offset + length
     while at < end:
-        n = os.preadv(res.fd, [view[:min(len(buf), end - at)]], at)
+        n = os.preadv(res.fd, [view[:min(len(view), end - at)]], at)
         if n <= 0:
             break  # end of file
         at += n
     return max(0, res.cached(offset, length) - before)
+
+
+_local = threading.local()
+#: the throw-away buffer of each push thread; its size does not bound the
+#: READs (the kernel's read-ahead window does)
+_SCRATCH = 1 << 20
+
+
+def _scratch() -> memoryview:
+    """This thread's buffer, kept: a fresh one per push was an mmap (glibc's
+    threshold is fixed at 1 MiB here), zeroed and faulted in every time."""
+    view = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(_SCRATCH))
+    return view
 
 
 class Prefetcher:
