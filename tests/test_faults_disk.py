@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import signal
 import socket
 import stat
@@ -158,7 +159,9 @@ def test_stalled_server_fails_the_read_at_the_deadline(tmp_path, kind: str, how:
             assert read_stat(mnt, "nbd_timeouts") == 1
             assert read_stat(mnt, "fetch_retries") == 0   # no time was left for one
             log = log_of(mnt)
-            assert f"failed: timed out after {timeout}.0 s (no reply from the server)" in log
+            # the time measured, not the deadline set: a loaded host reads 3.1
+            assert re.search(r"failed: timed out after \d+\.\d s \(no reply from the server\)",
+                             log)
             assert "no time left for a retry within 3 s" in log
             if read_stat(mnt, "read_errors") > 1:
                 # the kernel asked again for the faulting page, and got its
@@ -189,7 +192,7 @@ async def test_fetcher_retries_share_the_deadline_and_recent_failures_fail_fast(
                 await fetcher.fetch(region, [2, 3, 4])
             took = trio.current_time() - t
             assert took < 2                                  # 6 attempts x 1 s before
-            assert "timed out after 1.0 s (no reply from the server)" in str(e.value)
+            assert re.search(r"timed out after 1\.\d s \(no reply from the server\)", str(e.value))
             assert str(e.value).endswith("; no time left for a retry within 1 s")
             assert e.value.pages == [2, 3, 4]
             # asked again at once (as the kernel does): no second deadline
@@ -625,9 +628,10 @@ async def test_server_gone_says_why_at_the_deadline() -> None:
             with pytest.raises(DiskError) as e:
                 await disk.read(0, 4096)
             # a SIGKILLed nbdkit leaves its socket file behind: nobody listens on it
-            assert str(e.value) == (f"{srv.uri}&timeout=1: read of 4096 bytes at 0 failed: "
-                                    "timed out after 1.0 s (server closed the connection; "
-                                    "reconnecting: cannot connect: Connection refused)")
+            assert re.fullmatch(re.escape(f"{srv.uri}&timeout=1: read of 4096 bytes at 0 failed: "
+                                          "timed out after ") + r"1\.\d"
+                                + re.escape(" s (server closed the connection; reconnecting: "
+                                            "cannot connect: Connection refused)"), str(e.value))
             await disk.aclose()
 
 
