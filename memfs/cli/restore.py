@@ -89,7 +89,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
                   "-device vmgenid)", file=sys.stderr)
         mnt = os.path.abspath(a.mount)
         if a.qmp:
-            mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True)
+            mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True,
+                                   prefetch_delay=a.prefetch_delay)
             try:
                 trio.run(_drive_external, a.qmp, snap, mnt, a.keep_mac)
             except BaseException:
@@ -100,7 +101,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         names = [f"{a.name}{i}" for i in range(a.clones)]
         if a.print_args:
-            ensure_mount(snap, mnt, trace=not a.no_trace, fork=True)
+            ensure_mount(snap, mnt, trace=not a.no_trace, fork=True,
+                         prefetch_delay=a.prefetch_delay)
             for name in names:
                 ident = Identity(keep_mac=a.keep_mac)
                 print(shlex.join(clone_argv(snap, mnt, name,
