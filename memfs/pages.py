@@ -19,19 +19,12 @@ import trio
 
 from .dirty import DirtySet
 from .fetcher import Fetcher, FetchError, remote_pages
+from .held import HeldPages, scatter
 from .pagemap import PageMap, PageMapError, PageState, Region
 from .served import ServedPages
 from .stats import Stats
 from .store import LocalStore
 from .trace import Trace
-
-try:
-    from ._fast import scatter
-except ImportError:  # an extension built before scatter existed (tools/setup rebuilds)
-    def scatter(dst: Any, first: int, ps: int, pages: dict[int, memoryview]) -> None:
-        for p, data in pages.items():
-            at = (p - first) * ps
-            dst[at:at + ps] = data
 
 log = logging.getLogger("memfs.pages")
 LOCAL = PageState.LOCAL
@@ -88,11 +81,8 @@ class PageServer:
         self.dirty = DirtySet({n: s // 4096 for n, s in regions.items()})
         #: memfs.state.Journal: told of every page made LOCAL before it counts
         self.journal: PageJournal = NO_JOURNAL
-        #: region -> page -> the bytes a prefetch batch kept, held while its
-        #: push runs: the push's READs are answered from them, not from the
-        #: store.  Filled under the region lock as the pages turn LOCAL;
-        #: a WRITE drops its pages under that lock before it stores anything
-        self._pushing: dict[str, dict[int, memoryview]] = {n: {} for n in regions}
+        #: the bytes of pages a prefetch batch kept, while its push runs
+        self.held = HeldPages(regions)
         #: fetched pages the store could not keep (full): served unkept
         stats.counters.setdefault("store_write_errors", 0)
         stats.counters.setdefault("pages_push_held_hits", 0)
@@ -274,14 +264,15 @@ class PageServer:
         finally:
             self._deferred -= 1
 
-    async def keep(self, region: Region, got: dict[int, memoryview]) -> list[int]:
+    async def keep(self, region: Region, got: dict[int, memoryview],
+                   hold: bool = False) -> list[int]:
         """Move fetched pages to the local store and clear their source bit.
 
         Under the region lock, and only for pages still remote: a page the
         guest wrote meanwhile is never overwritten (invariant 2).
         """
         try:
-            return await self._keep(region, got)
+            return await self._keep(region, got, hold)
         finally:  # kept or not, the page state says from now on
             if self.fetcher is not None:
                 self.fetcher.settled(region, got)
@@ -291,25 +282,14 @@ class PageServer:
         """Fetch ``pages`` at prefetch priority and keep them: (the pages kept,
         every verified page's bytes).  A failure is logged, not raised: the
         pages that failed stay remote and a READ fetches them again.
-        ``hold``: READs are answered from the kept pages' bytes until
-        ``release`` (the batch's push), not from the store."""
+        ``hold``: READs take the kept pages' bytes until ``held.release``."""
         assert self.fetcher is not None
         try:
             got = await self.fetcher.fetch(region, pages, prefetch=True)
         except FetchError as e:
             got = e.partial
             log.error("prefetch: %s", e)
-        try:
-            kept = await self._keep(region, got, hold=hold)
-        finally:
-            self.fetcher.settled(region, got)
-        return kept, got
-
-    def release(self, region: Region, pages: list[int]) -> None:
-        """The push of ``pages`` is over: READs of them go to the store."""
-        held = self._pushing[region.name]
-        for p in pages:
-            held.pop(p, None)
+        return await self.keep(region, got, hold), got
 
     async def _keep(self, region: Region, got: dict[int, memoryview],
                     hold: bool = False) -> list[int]:
@@ -333,9 +313,7 @@ class PageServer:
             for p0, n in spans:
                 region.set_states(p0, p0 + n, LOCAL)  # counted per stretch, in C
             if hold:  # still under the lock: a WRITE after this drops them
-                held = self._pushing[region.name]
-                for p in pages:
-                    held[p] = got[p]
+                self.held.hold(region.name, pages, got)
         return pages
 
     async def _copy_local(self, region: Region, first: int, count: int, buf: bytearray,
@@ -344,19 +322,7 @@ class PageServer:
         raced with it wins), from a push's held bytes or straight from the
         store into ``buf``."""
         ps = region.page_size
-        states = region.states
-        done = set(skip)
-        held = self._pushing[region.name]
-        local: list[int] = []
-        hits: dict[int, memoryview] = {}
-        for p in range(first, first + count):
-            if states[p] != LOCAL or p in done:
-                continue
-            data = held.get(p)
-            if data is not None:
-                hits[p] = data
-            else:
-                local.append(p)
+        hits, local = self.held.split(region.name, region.states, first, count, set(skip))
         if hits:  # copied before any await: a WRITE cannot slip in between
             scatter(buf, first, ps, hits)
             self.stats.add("pages_push_held_hits", len(hits))
@@ -395,10 +361,7 @@ class PageServer:
                 buf = fetched[p] = bytearray(ps)
                 await self._fetch_into(region, p, buf, [p])
         async with self._locks[name]:
-            held = self._pushing[name]
-            if held:  # a push's bytes of these pages are stale from now on
-                for p in range(first, last):
-                    held.pop(p, None)
+            self.held.drop(name, first, last)  # a push's bytes of them are stale now
             if partial:
                 lo = offset - first * ps
                 merged = bytearray((last - first) * ps)

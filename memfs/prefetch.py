@@ -225,7 +225,7 @@ class Prefetcher:
                 try:  # its READs are answered from the fetched bytes
                     await self._push(region, res, kept)  # type: ignore[arg-type]
                 finally:
-                    self.pages.release(region, kept)
+                    self.pages.held.release(region.name, kept)
             if self.rate:
                 spent = time.monotonic() - t
                 await trio.sleep(max(0.0, len(chunk) * region.page_size / self.rate - spent))

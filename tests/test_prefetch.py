@@ -103,7 +103,7 @@ async def test_write_racing_a_push_read_is_answered_with_the_written_bytes(tmp_p
         assert got == want, f"push READ at {offset} did not return the written bytes"
     # the pages between were answered from the held bytes, and none stays held
     assert stats.counters["pages_push_held_hits"] > 0
-    assert server._pushing["ram0"] == {}
+    assert server.held.held("ram0") == {}
     for offset, _, want in seen:
         assert await server.read("ram0", offset, len(want)) == want
 
