@@ -28,7 +28,8 @@ SERVING = ("memfs.fs", "memfs.pages", "memfs.prefetch", "memfs.fetcher", "memfs.
            "memfs.sync", "memfs.takeover", "memfs.supervisor",
            # split out of the above in issue 13
            "memfs.supervised", "memfs.journal", "memfs.mountopts", "memfs.mounttable",
-           "memfs.fetch_plan", "memfs.fetch_flight", "memfs.fetch_slots")
+           "memfs.fetch_plan", "memfs.fetch_flight", "memfs.fetch_slots", "memfs.served",
+           "memfs.held")
 
 
 @dataclass(frozen=True)
