@@ -37,9 +37,12 @@ _SECTIONS = (
     ("fetches", ("fetch_requests", "pages_fetched", "pages_fetched_demand",
                  "pages_fetched_prefetch", "pages_joined", "pages_held_hits", "bytes_fetched",
                  "bytes_bridged", "fetch_retries", "fetch_errors", "checksum_failures",
-                 "pages_failed", "read_errors")),
-    ("prefetch", ("pages_prefetched", "pages_pushed", "push_errors",
+                 "pages_failed", "read_errors", "reads_failed_fast", "direct_readahead_bytes",
+                 "direct_readahead_hits")),
+    ("prefetch", ("pages_prefetched", "pages_pushed", "pages_push_held_hits", "push_errors",
                   "prefetch_done", "prefetch_seconds")),
+    ("source", ("pages_dirty", "pages_written_back", "sync_pages", "sync_bytes",
+                "pages_on_volume", "pages_on_disks")),
 )
 
 
