@@ -49,14 +49,21 @@ def test_bench_quick_reports_every_figure(needs_fuse) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
 def test_bench_pagemap_small() -> None:
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench-pagemap"),
-                        "--pages", "65536", "--repeat", "1"],
+                        "--pages", "65536", "--repeat", "1", "--mount", "--faults", "20",
+                        "--snapshots", "20"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["pages"] == 65536 and res["save_fsync"]["min_s"] >= 0
     assert res["load_hot"]["median_s"] >= 0
+    # the faults read real bytes that verify (a wrong one would be SIGBUS in the child)
+    for key in ("stats_through_mount", "stats_through_mount_1gib"):
+        assert res[key]["fault_4k"]["n"] == 20 and res[key]["daemon_rss_bytes"] > 0
+    assert res["fault_4k_p50_over_1gib"] > 0
 
 
 _FRAME = st.sampled_from(["run (memfs/fs.py:10)", "fetch (memfs/fetcher.py:99)",
