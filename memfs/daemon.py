@@ -313,8 +313,8 @@ class Daemon:
         hot = trace.extend_from_meta(self.pages.pagemap.meta)
         if hot:
             log.info("prefetch: %d pages changed between capture passes go first", hot)
-        self.prefetcher = Prefetcher(
-            self.pages, self.stats, mountpoint=mp, push=self.opts.push, rate=self.opts.prefetch_rate, trace=trace)
+        self.prefetcher = Prefetcher(self.pages, self.stats, mountpoint=mp, push=self.opts.push,
+                                     rate=self.opts.prefetch_rate, trace=trace)
         await self.prefetcher.run()
 
     async def _trim(self) -> None:

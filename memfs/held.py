@@ -12,17 +12,9 @@ on a READ finds them in the store, with the written bytes.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from .pagemap import PageState
-
-try:
-    from ._fast import scatter
-except ImportError:  # an extension built before scatter existed (tools/setup rebuilds)
-    def scatter(dst: Any, first: int, ps: int, pages: dict[int, memoryview]) -> None:
-        for p, data in pages.items():
-            at = (p - first) * ps
-            dst[at:at + ps] = data
 
 LOCAL = PageState.LOCAL
 

@@ -17,9 +17,10 @@ from typing import Any, Protocol, Sequence
 
 import trio
 
+from ._fast import scatter
 from .dirty import DirtySet
 from .fetcher import Fetcher, FetchError, remote_pages
-from .held import HeldPages, scatter
+from .held import HeldPages
 from .pagemap import PageMap, PageMapError, PageState, Region
 from .served import ServedPages
 from .stats import Stats
@@ -277,11 +278,10 @@ class PageServer:
             if self.fetcher is not None:
                 self.fetcher.settled(region, got)
 
-    async def prefetch(self, region: Region, pages: list[int], *, hold: bool = False
-                       ) -> tuple[list[int], dict[int, memoryview]]:
-        """Fetch ``pages`` at prefetch priority and keep them: (the pages kept,
-        every verified page's bytes).  A failure is logged, not raised: the
-        pages that failed stay remote and a READ fetches them again.
+    async def prefetch(self, region: Region, pages: list[int], *, hold: bool = False) -> list[int]:
+        """Fetch ``pages`` at prefetch priority and keep them: the pages kept.
+        A failure is logged, not raised: the pages that failed stay remote
+        and a READ fetches them again.
         ``hold``: READs take the kept pages' bytes until ``held.release``."""
         assert self.fetcher is not None
         try:
@@ -289,7 +289,7 @@ class PageServer:
         except FetchError as e:
             got = e.partial
             log.error("prefetch: %s", e)
-        return await self.keep(region, got, hold), got
+        return await self.keep(region, got, hold)
 
     async def _keep(self, region: Region, got: dict[int, memoryview],
                     hold: bool = False) -> list[int]:

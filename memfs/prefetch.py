@@ -219,7 +219,7 @@ class Prefetcher:
                 return
             t = time.monotonic()
             push = res is not None
-            kept, _ = await self.pages.prefetch(region, chunk, hold=push)
+            kept = await self.pages.prefetch(region, chunk, hold=push)
             self.stats.add("pages_prefetched", len(kept))
             if push and kept:
                 try:  # its READs are answered from the fetched bytes
