@@ -297,10 +297,7 @@ class DelayRelay:
         except OSError:
             pass
         finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            _half_close(dst)
 
     def close(self) -> None:
         self._stop = True
@@ -371,10 +368,15 @@ def _copy(src: socket.socket, dst: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        _half_close(dst)
+
+
+def _half_close(dst: socket.socket) -> None:
+    """The sending side is done: the peer reads EOF, its replies may still come."""
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 def _die_with_parent() -> None:
