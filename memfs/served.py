@@ -42,9 +42,6 @@ class ServedPages:
             bits[first:end] = b"\x01" * (end - first)
             self._count[name] += new
 
-    def is_served(self, name: str, page: int) -> bool:
-        return bool(self._bits[name][page])
-
     def runs(self, name: str) -> Iterator[tuple[int, int]]:
         """[start, end) of each run of served pages of ``name``."""
         return runs(self._bits[name].translate(_NONZERO))
