@@ -8,12 +8,6 @@ import logging
 import os
 import time
 
-import trio
-
-from .. import control
-from ..capture import capture
-from ..capture_types import parse_ram_args
-from ..pagemap import PageMap
 from .common import UsageError
 
 
@@ -28,6 +22,9 @@ def cmd_capture(a: argparse.Namespace) -> int:
         if not (a.disk and a.index):
             raise UsageError("--disk and --index go together")
         referencer = open_referencer(a.disk, a.index, frozen=a.disk_frozen)
+    import trio
+    from ..capture import capture
+    from ..capture_types import parse_ram_args
     if not a.debug:  # the answer to a failure is one line; --debug shows the disks' log
         logging.getLogger().setLevel(logging.CRITICAL)
     res = trio.run(lambda: capture(parse_ram_args(a.ram), a.volume, a.out, base=a.base,
@@ -48,6 +45,8 @@ def cmd_capture(a: argparse.Namespace) -> int:
 def cmd_capture_from_mount(a: argparse.Namespace) -> int:
     """A mount that tracks what its guest writes makes the page map itself:
     write-back, copy of the dirty pages to its volume, page map."""
+    from .. import control
+    from ..pagemap import PageMap
     if a.ram or a.base or a.view or a.disk:
         raise UsageError("--from-mount takes only --out (and --volume for a mount without one)")
     mp = os.path.abspath(a.from_mount)

@@ -7,15 +7,11 @@ import json
 import os
 import sys
 
-import trio
-
-from ..disks import DiskError, parse_uri
-from ..index.build import build_index, changed_ranges_qcow2
-from ..index.format import DiskIndex, DiskIndexError
-
 
 def _refuse_out_is_disk(disk_uri: str, out: str) -> None:
     """``--out`` must not be the disk itself (compared as files, not names)."""
+    from ..disks import DiskError, parse_uri
+    from ..index.format import DiskIndexError
     try:
         parsed = parse_uri(disk_uri)
         if parsed.scheme != "file":
@@ -29,6 +25,9 @@ def _refuse_out_is_disk(disk_uri: str, out: str) -> None:
 
 
 def cmd_index(a: argparse.Namespace) -> int:
+    import trio
+    from ..index.build import build_index, changed_ranges_qcow2
+    from ..index.format import DiskIndex, DiskIndexError
     base = None
     changed = None
     try:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import control
-from ..pagemap import PageMap
-
 
 def cmd_load(a: argparse.Namespace) -> int:
+    from .. import control
+    from ..pagemap import PageMap
     PageMap.load(a.pagemap)  # a clear error here rather than a bare EINVAL later
     control.load(a.mountpoint, os.path.abspath(a.pagemap))
     print(f"memfs: page map {a.pagemap} installed on {a.mountpoint}")

@@ -7,14 +7,12 @@ import json
 import os
 import sys
 
-import trio
-
-from ..capture_types import parse_ram_args
-from ..qemu.migrate import MigrateError, MigrateOptions, migrate
-from ..qemu.qmp import QMPError
-
 
 def cmd_migrate(a: argparse.Namespace) -> int:
+    import trio
+    from ..capture_types import parse_ram_args
+    from ..qemu.migrate import MigrateError, MigrateOptions, migrate
+    from ..qemu.qmp import QMPError
     opts = MigrateOptions(
         source_qmp=a.source_qmp, rams=parse_ram_args(a.ram), volume=a.volume,
         pagemap=os.path.abspath(a.pagemap), dest_qmp=a.dest_qmp,

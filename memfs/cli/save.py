@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import control
-
 
 def cmd_save(a: argparse.Namespace) -> int:
+    from .. import control
     control.save(a.mountpoint, os.path.abspath(a.out))
     print(f"memfs: the view of {a.mountpoint} is in {a.out} (capture --view {a.out})")
     return 0

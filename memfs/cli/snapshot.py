@@ -6,15 +6,13 @@ import argparse
 import json
 import sys
 
-import trio
-
-from ..qemu.qmp import QMPError
-from ..capture_types import parse_ram_args
-from ..qemu.snapshot import SnapshotOptions, snapshot
-from ..snapshot import SnapshotError
-
 
 def cmd_snapshot(a: argparse.Namespace) -> int:
+    import trio
+    from ..capture_types import parse_ram_args
+    from ..qemu.qmp import QMPError
+    from ..qemu.snapshot import SnapshotOptions, snapshot
+    from ..snapshot import SnapshotError
     opts = SnapshotOptions(qmp=a.qmp, rams=parse_ram_args(a.ram), volume=a.volume,
                            out=a.out, resume=a.resume, timeout=a.timeout)
     try:

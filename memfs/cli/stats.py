@@ -7,11 +7,10 @@ import json
 import sys
 import time
 
-from .. import control
-from ..report import render_stats
-
 
 def cmd_stats(a: argparse.Namespace) -> int:
+    from .. import control
+    from ..report import render_stats
     while True:
         try:
             snap = control.read_stats(a.mountpoint)

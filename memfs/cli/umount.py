@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .. import control
-
 
 def cmd_umount(a: argparse.Namespace) -> int:
     """Stop the daemon (it stops its prefetch and unmounts), or clean up after
     a dead one; refused while a process maps a region (control.umount)."""
+    from .. import control
     did = control.umount(a.mountpoint, force=a.force, timeout=a.timeout)
     if did:
         print(f"memfs: {did}")

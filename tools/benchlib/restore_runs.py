@@ -24,6 +24,7 @@ from memfs.qemu.restore import CloneConfig, ensure_mount, open_snapshot
 from benchlib.host import anon_in_mapping, drop_caches
 from benchlib.mounts import MEMFS, umount
 from benchlib.restore_guests import FullConfig, Tail, tail_all, timings
+from benchlib.restore_pool import run_memfs_pool
 
 
 def _run_dir(work: Path, kind: str, n: int, trace: bool) -> Path:
@@ -34,8 +35,10 @@ def _run_dir(work: Path, kind: str, n: int, trace: bool) -> Path:
 
 async def run_clones(kind: str, n: int, snap_dir: Path, work: Path, a: argparse.Namespace,
                      trace: bool) -> dict[str, Any]:
-    """One run: ``kind`` is "qemu-full[-hot]" or "memfs[-hot]"."""
+    """One run: ``kind`` is "qemu-full[-hot|-pool]" or "memfs[-hot|-pool]"."""
     drop_caches()
+    if kind.startswith("memfs-pool"):
+        return await run_memfs_pool(kind, n, snap_dir, work, a, trace)
     if kind.startswith("memfs"):
         return await run_memfs(kind, n, snap_dir, work, a, trace)
     return await run_full(kind, n, snap_dir, work, a)
@@ -43,7 +46,8 @@ async def run_clones(kind: str, n: int, snap_dir: Path, work: Path, a: argparse.
 
 async def run_full(kind: str, n: int, snap_dir: Path, work: Path,
                    a: argparse.Namespace) -> dict[str, Any]:
-    """QEMU's own restore: N QEMUs, anonymous RAM, the full stream."""
+    """QEMU's own restore: N QEMUs, anonymous RAM, the full stream (-pool:
+    the clock starts once the QEMUs are up and waiting)."""
     snap = open_snapshot(str(snap_dir))
     run = _run_dir(work, kind, n, False)
     out: dict[str, Any] = {"kind": kind, "clones": n, "trace": False}
@@ -57,6 +61,9 @@ async def run_full(kind: str, n: int, snap_dir: Path, work: Path,
         for i in range(n):
             cfg = FullConfig(CloneConfig(snap, str(run / "mnt"), f"full{i}"))
             vms.append(await stack.enter_async_context(VM.start(cfg, run)))  # type: ignore
+        if kind.endswith("-pool"):
+            drop_caches()
+            t0 = time.monotonic()
         conts: list[float] = [0.0] * n
 
         async def one(i: int, vm: VM) -> None:
