@@ -37,12 +37,12 @@ def coalesce(region: Region, pages: Iterable[int], max_bytes: int,
     """Group remote ``pages`` (ascending) into disk requests of at most
     ``max_bytes``, bridging gaps of up to ``max_gap`` bytes on the disk."""
     ps = region.page_size
-    disks, offsets = region.disks, region.offsets
+    disks, raw, sh = region.disks, region.offsets.raw, region.offsets.shift  # no per-page call
     runs: list[Run] = []
     cur: list[tuple[int, int]] = []
     disk = start = end = -1
     for p in pages:
-        d, off = disks[p], offsets[p]
+        d, off = disks[p], raw[p] << sh
         if cur and d == disk and end <= off <= end + max_gap and off + ps - start <= max_bytes:
             cur.append((p, off - start))
             end = off + ps

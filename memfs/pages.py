@@ -134,7 +134,7 @@ class PageServer:
             for at, end in self.served.runs(r.name):
                 states[at:end] = bytes([LOCAL]) * (end - at)
             out.regions.append(Region(r.name, r.size, r.page_size, states, bytearray(r.disks),
-                                      array("Q", r.offsets), array("Q", r.checksums)))
+                                      r.offsets.copy(), array("Q", r.checksums)))
         return out
 
     async def _region(self, name: str) -> Region:

@@ -239,7 +239,7 @@ def export(pm: PageMap, dirty_count: int, allow_dirty: bool = False) -> PageMap:
     local, remote = bytes([PageState.LOCAL]), bytes([PageState.REMOTE])
     for r in pm.regions:
         out.regions.append(Region(r.name, r.size, r.page_size, r.states.replace(local, remote),
-                                  bytearray(r.disks), array("Q", r.offsets),
+                                  bytearray(r.disks), r.offsets.copy(),
                                   array("Q", r.checksums)))
     return out
 

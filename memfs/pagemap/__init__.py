@@ -6,17 +6,19 @@ lying file cannot make us allocate more than the file itself holds.  The file
 is a msgfile envelope (magic, version, xxh3-128 of the whole content): a
 page map with a single flipped bit is refused, never half-trusted.
 
-Two modules: ``region`` (page states, a region and its tally, the per-page
-primitives every layer uses) and ``mapfile`` (the page map and its file).
+Three modules: ``region`` (page states, a region and its tally, the per-page
+primitives every layer uses), ``offsets`` (the per-page offsets, packed in
+half the memory when they allow) and ``mapfile`` (the page map and its file).
 Everything is importable from here, as it was when this was one module.
 """
 
 from .mapfile import FORMAT, MAGIC, VERSION, PageMap, get_field
+from .offsets import Offsets
 from .region import (MAX_DISKS, MAX_PAGES, MAX_REGIONS, PAGE_SIZE, ZERO_CHECKSUM, ZERO_PAGE,
                      PageMapError, PageState, Region, Tally, check_geometry, check_region_name,
                      checksum, runs, u64_array, u64_bytes)
 
-__all__ = ["FORMAT", "MAGIC", "VERSION", "PageMap", "get_field", "MAX_DISKS", "MAX_PAGES",
+__all__ = ["FORMAT", "MAGIC", "VERSION", "PageMap", "get_field", "Offsets", "MAX_DISKS", "MAX_PAGES",
            "MAX_REGIONS", "PAGE_SIZE", "ZERO_CHECKSUM", "ZERO_PAGE", "PageMapError",
            "PageState", "Region", "Tally", "check_geometry", "check_region_name", "checksum",
            "runs", "u64_array", "u64_bytes"]

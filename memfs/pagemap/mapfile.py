@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import msgpack
 
 from .. import msgfile
+from .offsets import Offsets
 from .region import (_LITTLE, MAX_DISKS, MAX_REGIONS, PageMapError, PageState, Region,
                      check_geometry, u64_bytes)
 
@@ -71,7 +72,8 @@ class PageMap:
     def _raw(self) -> list[memoryview]:
         out = []
         for r in self.regions:
-            out += [memoryview(r.states), memoryview(r.disks), _le(r.offsets), _le(r.checksums)]
+            out += [memoryview(r.states), memoryview(r.disks), memoryview(r.offsets.le_bytes()),
+                    _le(r.checksums)]
         return out
 
     def dumps(self) -> bytes:
@@ -151,8 +153,8 @@ def _alloc(doc: dict, raw_len: int) -> list[bytearray | array]:
         raise PageMapError(f"the regions need {need} bytes of per-page arrays, the file "
                            f"holds {raw_len}")
     bufs: list[bytearray | array] = []
-    for n in npages:
-        bufs += [bytearray(n), bytearray(n), array("Q", [0]) * n, array("Q", [0]) * n]
+    for n in npages:  # the offsets as file bytes: Offsets.from_le packs them
+        bufs += [bytearray(n), bytearray(n), bytearray(8 * n), array("Q", [0]) * n]
     return bufs
 
 
@@ -166,11 +168,13 @@ def _build(doc: dict, bufs: list) -> PageMap:
         raise PageMapError("page map: 'meta' should be a map")
     pm = PageMap(disks=list(disks), meta=meta)
     for k, (name, size, ps) in enumerate(_geometry(doc)):
-        states, pdisks, offsets, checksums = bufs[4 * k:4 * k + 4]
+        states, pdisks, raw_offsets, checksums = bufs[4 * k:4 * k + 4]
+        bufs[4 * k + 2] = b""  # freed once packed
         if not _LITTLE:
-            offsets.byteswap()
             checksums.byteswap()
         _check_pages(name, states, pdisks, len(disks))
+        offsets = Offsets.from_le(raw_offsets)
+        del raw_offsets
         pm.regions.append(Region(name, size, ps, states, pdisks, offsets, checksums))
     return pm
 

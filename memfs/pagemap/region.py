@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import xxhash
 
+from .offsets import Offsets
+
 PAGE_SIZE = 4096
 MAX_DISKS = 255
 MAX_REGIONS = 1024
@@ -79,15 +81,20 @@ class Region:
     page_size: int = PAGE_SIZE
     states: bytearray = field(default_factory=bytearray)
     disks: bytearray = field(default_factory=bytearray)
-    offsets: array = field(default_factory=u64_array)
+    #: compact when they allow (memfs.pagemap.offsets); an array('Q') given is converted
+    offsets: Offsets = field(default_factory=Offsets)
     checksums: array = field(default_factory=u64_array)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.offsets, Offsets):
+            self.offsets = Offsets.of(self.offsets)
 
     @classmethod
     def empty(cls, name: str, size: int, page_size: int = PAGE_SIZE) -> "Region":
         """A region whose pages are all zero pages."""
         check_geometry(name, size, page_size)
         n = size // page_size
-        r = cls(name, size, page_size, bytearray(n), bytearray(n), u64_array(bytes(8 * n)),
+        r = cls(name, size, page_size, bytearray(n), bytearray(n), Offsets.zeros(n),
                 u64_array(bytes(8 * n)))
         if n:
             r.checksums[0] = ZERO_CHECKSUM
