@@ -190,7 +190,8 @@ class Prefetcher:
                 chunk = sorted(p for p in hot[i:i + per] if states[p] == REMOTE)
                 if chunk:
                     yield chunk
-        order = sorted(range(region.npages), key=lambda p: (region.disks[p], region.offsets[p])) \
+        disks, offs = region.disks, region.offsets.raw  # raw: same order, no call per page
+        order = sorted(range(region.npages), key=lambda p: (disks[p], offs[p])) \
             if not _identity_order(region) else range(region.npages)
         chunk: list[int] = []
         for p in order:
@@ -275,7 +276,7 @@ def _identity_order(region: Region) -> bool:
     """True when region order is disk order (capture's identity layout), the
     common case, which saves sorting millions of pages."""
     n = region.npages
-    offs, disks = region.offsets, region.disks
+    offs, disks = region.offsets.raw, region.disks  # raw: the same order
     prev = -1
     for p in range(0, n, max(1, n // 64)):
         if region.states[p] != REMOTE:
