@@ -627,3 +627,90 @@ def test_clone_argv_nics() -> None:
         "...,netdev=N,id=ID (or restore with --keep-mac)")
     assert clone_argv(_snap_with_argv(nic), "/mnt", "c0", "/q", Identity(keep_mac=True))
 
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _pool_restore(snap: Path, sock: Path, n: int) -> dict:
+    res = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "-m", "memfs.cli", "restore", str(snap), "--pool", str(sock),
+         "--clones", str(n)], capture_output=True, text=True, timeout=120))
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+@on_guest
+async def test_restore_pool(saved: Saved, guest: GuestImage, tmp_path: Path) -> None:
+    """``memfs restore --serve`` keeps clones started and waiting;
+    ``--pool`` resumes them: each has the snapshot's mark and checksums and
+    a vmgenid of its own, the pool refills, and more clones than wait are
+    started on demand; a request for another snapshot and a pool that is not
+    there are refused in one line; stopping the pool kills only the clones
+    that still wait."""
+    from memfs.qemu.guest import GuestSum
+    from memfs.qemu.qmp import QMP
+    mnt, run, sock = tmp_path / "mnt", tmp_path / "run", tmp_path / "pool.sock"
+    mnt.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "memfs.cli", "restore", str(saved.dir), "--mount", str(mnt),
+         "--run-dir", str(run), "--clones", "2", "--serve", str(sock)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    resumed: list[dict] = []
+    try:
+        assert server.stdout is not None
+        ready = json.loads(await trio.to_thread.run_sync(server.stdout.readline))
+        assert ready["waiting"] == 2 and ready["mount"] == str(mnt), ready
+        one = await _pool_restore(saved.dir, sock, 1)
+        assert one["t"]["start"] <= one["t"]["request"] <= one["t"]["resumed"]
+        resumed += one["clones"]
+        three = await _pool_restore(saved.dir, sock, 3)   # 1 or 2 wait: the rest start now
+        resumed += three["clones"]
+        assert len({c["name"] for c in resumed}) == 4
+        assert len({c["vmgenid"] for c in resumed} | {saved.guid}) == 5
+        for c in resumed:
+            assert await _serial_line(c["serial"], "readmark", "MARKED") == "MARKED m-snap"
+            line = await _serial_line(c["serial"], f"sum {c['name']}", f"SUM {c['name']} ")
+            f = dict(kv.split("=") for kv in line.split()[2:])
+            check_sum(guest, GuestSum(c["name"], f["fill"], f["work"], int(f["gen"]),
+                                      int(f["maxgap"])), saved.before)
+            async with QMP.connect(c["qmp"], timeout=30) as q:   # once the pool let go
+                assert (await q.execute("query-status"))["status"] == "running"
+                assert (await q.execute("query-vm-generation-id"))["guid"] == c["vmgenid"]
+        # refused in one line: another snapshot, no pool
+        res = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "memfs.cli", "restore", str(tmp_path), "--pool", str(sock)],
+            capture_output=True, text=True, timeout=60))
+        assert res.returncode == 1 and res.stderr.splitlines() == [
+            f"memfs: restore failed: this pool serves {saved.dir}, not {tmp_path}"]
+        res = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "memfs.cli", "restore", str(saved.dir), "--pool",
+             str(tmp_path / "nopool")], capture_output=True, text=True, timeout=60))
+        assert res.returncode == 1 and res.stderr.splitlines() == [
+            f"memfs: restore failed: no restore pool listens at {tmp_path}/nopool (start one "
+            "with memfs restore DIR --mount MNT --serve SOCK)"]
+        with trio.fail_after(60):   # the pool fills up again
+            while len(list(run.glob("*.pid"))) < 6:
+                await trio.sleep(0.1)
+    finally:
+        server.send_signal(15)
+        _, err = await trio.to_thread.run_sync(lambda: server.communicate(timeout=60))
+        print(err)
+    assert server.returncode == 0, err
+    assert err.splitlines()[-1] == f"memfs: restore pool {sock} stopped; 4 clones were resumed"
+    pids = {p.stem: int(p.read_text()) for p in run.glob("*.pid")}
+    try:
+        assert {n for n, pid in pids.items() if _pid_alive(pid)} == {c["name"] for c in resumed}
+    finally:
+        for pid in pids.values():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        await trio.sleep(0.5)
+        umount(mnt)

@@ -4,13 +4,58 @@ memfs.cli.restore_run does the work, imported only when it runs)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
+import sys
 import time
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
     t = {"start": time.monotonic()}
+    if a.pool:
+        return _from_pool(a, t)
     from .restore_run import run
     return run(a, t)
+
+
+def _from_pool(a: argparse.Namespace, t: dict[str, float]) -> int:
+    """Ask the pool at --pool for --clones clones: no import beyond the
+    standard library, since this process is on the path to their first tick."""
+    if a.mount or a.qmp or a.print_args or a.serve:
+        print("memfs: restore: --pool takes no --mount, --qmp, --print-args or --serve "
+              "(the pool has its mount and its QEMUs)", file=sys.stderr)
+        return 2
+    req = json.dumps({"snapshot": os.path.abspath(a.dir), "clones": a.clones}).encode()
+    data = b""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(a.pool_timeout)
+            s.connect(a.pool)
+            s.sendall(req + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"memfs: restore failed: no restore pool listens at {a.pool} (start one with "
+              "memfs restore DIR --mount MNT --serve SOCK)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"memfs: restore failed: restore pool {a.pool}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    try:
+        rep = json.loads(data)
+    except ValueError:
+        rep = {"error": f"the pool at {a.pool} answered {data[:80]!r}"}
+    if "error" in rep:
+        print(f"memfs: restore failed: {rep['error']}", file=sys.stderr)
+        return 1
+    rep["t"]["start"] = t["start"]
+    rep["seconds"] = round(time.monotonic() - t["start"], 3)
+    print(json.dumps(rep, indent=1))
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "load the device state and resume them; each clone gets a new vmgenid, and its "
         "NICs are replugged with new MACs that the running guest sees.")
     p.add_argument("dir", metavar="DIR", help="snapshot directory (memfs snapshot --out)")
-    p.add_argument("--mount", required=True, metavar="MNT",
+    p.add_argument("--mount", metavar="MNT",
                    help="where the snapshot is served (mounted if it is not a memfs mount)")
     p.add_argument("--clones", type=int, default=1, metavar="N", help="how many guests (1)")
     p.add_argument("--name", default="clone", help="clone name prefix (clone)")
@@ -31,6 +76,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="mount, print each clone's QEMU command line and stop")
     p.add_argument("--qmp", action="append", metavar="SOCK",
                    help="drive this already started -incoming defer QEMU instead; repeat")
+    p.add_argument("--serve", metavar="SOCK",
+                   help="keep --clones clones started and waiting, and resume them when "
+                        "memfs restore --pool SOCK asks (in the foreground, until SIGINT or "
+                        "SIGTERM; ready: one JSON line on stdout; its mount completes at once)")
+    p.add_argument("--pool", metavar="SOCK",
+                   help="resume --clones clones of the pool at SOCK (memfs restore --serve) "
+                        "instead of starting QEMUs")
+    p.add_argument("--pool-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds to wait for the pool's answer (300)")
     p.add_argument("--no-trace", action="store_true",
                    help="do not fetch the snapshot's working-set trace first")
     p.add_argument("--store", metavar="DIR",

@@ -95,21 +95,17 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
             print("memfs: restore: warning: the saved guest has no vmgenid device: its "
                   "clones cannot learn that they are clones (start guests with "
                   "-device vmgenid)", file=sys.stderr)
+        if not a.mount:
+            print("memfs: restore: --mount MNT is needed (or --pool SOCK)", file=sys.stderr)
+            return 2
         mnt = os.path.abspath(a.mount)
         if a.qmp:
-            mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True,
-                                   prefetch_delay=a.prefetch_delay)
-            t["mounted"] = time.monotonic()
-            try:
-                clones = trio.run(_drive_external, a.qmp, snap, mnt, a.keep_mac, a.mac_delay)
-            except BaseException:
-                _undo("", [], mnt if mounted else None)
-                raise
-            t["resumed"] = max(c["t_cont"] for c in clones)
-            _report(mnt, t, clones)
-            return 0
+            return _run_external(a, snap, mnt, t)
         run_dir = os.path.abspath(a.run_dir or os.path.join(snap.dir, "run"))
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        if a.serve:
+            from .restore_serve import serve
+            return serve(a, snap, mnt, run_dir, _rate(a))
         names = [f"{a.name}{i}" for i in range(a.clones)]
         if a.print_args:
             ensure_mount(snap, mnt, trace=not a.no_trace, fork=True,
@@ -127,7 +123,7 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
         try:
             _start_clones(snap, mnt, run_dir, names, clones, a.keep_mac, t, a.mac_delay)
         except BaseException:
-            _undo(run_dir, clones, mnt if mounted else None)
+            undo(run_dir, clones, mnt if mounted else None)
             raise
         for c in clones:
             with open(os.path.join(run_dir, c["name"] + ".pid")) as f:
@@ -141,6 +137,21 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
     except (SnapshotError, QMPError, OSError) as e:
         print(f"memfs: restore failed: {e or type(e).__name__}", file=sys.stderr)
         return 1
+
+
+def _run_external(a: argparse.Namespace, snap: Snapshot, mnt: str, t: dict[str, float]) -> int:
+    """--qmp: QEMUs someone else started from --print-args."""
+    mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True,
+                           prefetch_delay=a.prefetch_delay)
+    t["mounted"] = time.monotonic()
+    try:
+        clones = trio.run(_drive_external, a.qmp, snap, mnt, a.keep_mac, a.mac_delay)
+    except BaseException:
+        undo("", [], mnt if mounted else None)
+        raise
+    t["resumed"] = max(c["t_cont"] for c in clones)
+    _report(mnt, t, clones)
+    return 0
 
 
 def _report(mnt: str, t: dict[str, float], clones: list[dict[str, Any]]) -> None:
@@ -189,7 +200,7 @@ def _start_clones(snap: Snapshot, mnt: str, run_dir: str, names: Sequence[str],
     t["resumed"] = max(c["t_cont"] for c in clones)
 
 
-def _undo(run_dir: str, clones: Sequence[dict[str, Any]], mounted: str | None) -> None:
+def undo(run_dir: str, clones: Sequence[dict[str, Any]], mounted: str | None) -> None:
     """A restore that failed half way: the QEMUs it started are killed (by
     their pid files) and a mount it made is unmounted."""
     for c in clones:

@@ -53,7 +53,8 @@ from .qmp import QMP, QMPClosed
 from .vm import VM
 
 __all__ = ["Snapshot", "Identity", "CloneConfig", "clone_argv", "open_snapshot",
-           "resume_clone", "restore_clones", "ensure_mount", "TRACE"]
+           "resume_clone", "prepare_clone", "load_clone", "restore_clones", "ensure_mount",
+           "TRACE"]
 
 TRACE = PAGEMAP + ".trace"
 _DROP_WITH_VALUE = {"-incoming", "-qmp", "-name", "-pidfile"}
@@ -184,6 +185,13 @@ async def resume_clone(qmp: QMP, devices: str, timeout: float = 120.0,
     ``devices`` (x-ignore-shared), then ``cont``; ``nics`` (to be replaced
     after the resume) must be hotpluggable and go on with their link down.
     Returns seconds spent loading the device state."""
+    await prepare_clone(qmp, nics)
+    return await load_clone(qmp, devices, timeout, nics)
+
+
+async def prepare_clone(qmp: QMP, nics: Sequence[Nic] = ()) -> None:
+    """What resume_clone checks and sets before the load: done ahead of time
+    for a clone that waits in a pool (memfs.qemu.pool)."""
     status = (await qmp.execute("query-status"))["status"]
     if status != "inmigrate":
         raise SnapshotError(f"QEMU {qmp.path} is {status!r}, not waiting for a migration "
@@ -191,6 +199,11 @@ async def resume_clone(qmp: QMP, devices: str, timeout: float = 120.0,
     if nics:
         await check_replaceable(qmp, nics)
     await set_capabilities(qmp, x_ignore_shared=True, events=True)
+
+
+async def load_clone(qmp: QMP, devices: str, timeout: float = 120.0,
+                     nics: Sequence[Nic] = ()) -> float:
+    """The device state into a prepared clone, then ``cont``: seconds loading."""
     t0 = time.monotonic()
     await qmp.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(devices)})
     try:

@@ -27,6 +27,12 @@ from benchlib.restore_guests import FullConfig, Tail, tail_all, timings
 from benchlib.restore_pool import run_memfs_pool
 
 
+def _read_all(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(8 << 20):
+            pass
+
+
 def _run_dir(work: Path, kind: str, n: int, trace: bool) -> Path:
     run = work / f"{kind}-{n}-{'trace' if trace else 'plain'}-{uuid.uuid4().hex[:4]}"
     (run / "mnt").mkdir(parents=True)
@@ -35,7 +41,8 @@ def _run_dir(work: Path, kind: str, n: int, trace: bool) -> Path:
 
 async def run_clones(kind: str, n: int, snap_dir: Path, work: Path, a: argparse.Namespace,
                      trace: bool) -> dict[str, Any]:
-    """One run: ``kind`` is "qemu-full[-hot|-pool]" or "memfs[-hot|-pool]"."""
+    """One run: ``kind`` is "qemu-full[-pool][-hot]" or "memfs[-hot]" or
+    "memfs-pool[-cold]"."""
     drop_caches()
     if kind.startswith("memfs-pool"):
         return await run_memfs_pool(kind, n, snap_dir, work, a, trace)
@@ -51,18 +58,19 @@ async def run_full(kind: str, n: int, snap_dir: Path, work: Path,
     snap = open_snapshot(str(snap_dir))
     run = _run_dir(work, kind, n, False)
     out: dict[str, Any] = {"kind": kind, "clones": n, "trace": False}
-    if kind.endswith("-hot"):
-        with open(snap_dir / "full.stream", "rb") as f:   # the stream in the page cache
-            while f.read(8 << 20):
-                pass
+    hot = "-hot" in kind
+    if hot:
+        _read_all(snap_dir / "full.stream")   # the stream in the page cache
     t0 = time.monotonic()
     async with AsyncExitStack() as stack:
         vms = []
         for i in range(n):
             cfg = FullConfig(CloneConfig(snap, str(run / "mnt"), f"full{i}"))
             vms.append(await stack.enter_async_context(VM.start(cfg, run)))  # type: ignore
-        if kind.endswith("-pool"):
+        if "-pool" in kind:
             drop_caches()
+            if hot:
+                _read_all(snap_dir / "full.stream")
             t0 = time.monotonic()
         conts: list[float] = [0.0] * n
 

@@ -1,0 +1,276 @@
+"""A restore pool: clones of one snapshot started ahead of time, waiting
+with ``-incoming defer`` and their migration capabilities set, resumed on
+request over a unix socket (``memfs restore --serve`` / ``--pool``).
+
+Why: a clone's first tick should not wait for what does not depend on the
+request.  Starting QEMU costs 0.1-0.2 s and an interpreter with memfs's
+imports 0.3 s or more; the restore itself is loading the device state and
+``cont``, with the RAM arriving from the pool's mount on first touch.  A
+pool keeps the rest done: the snapshot checked once, the mount up (its
+background completion keeps the snapshot in the page cache, shared by every
+clone), QEMUs started, and their NICs checked for the MAC replug.
+
+Each clone is daemonized QEMU with its own vmgenid and MACs, chosen when it
+is started; once resumed it is the caller's (the pool forgets it after its
+NICs got their new MACs), so stopping the pool kills only the clones that
+still wait.  The mount stays up for the clones that run.
+
+The protocol is one JSON line each way: ``{"snapshot": DIR, "clones": N}``
+-> ``{"mount": MNT, "t": {...}, "clones": [...]}`` or ``{"error": TEXT}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..snapshot import SnapshotError
+from .nic import replace_nics
+from .qmp import QMP
+from .restore import Identity, Snapshot, clone_argv, load_clone, prepare_clone
+
+__all__ = ["Pool", "PoolError", "start_daemonized"]
+
+log = logging.getLogger("memfs.pool")
+
+#: the largest request line a pool reads
+_MAX_REQUEST = 64 * 1024
+
+
+class PoolError(Exception):
+    """A request the pool cannot serve."""
+
+
+def start_daemonized(snap: Snapshot, mnt: str, run_dir: str, name: str,
+                     ident: Identity) -> dict[str, Any]:
+    """Start one clone as a daemonized QEMU waiting with -incoming defer, its
+    serial console on a socket and logged, its pid in a file; blocking (QEMU
+    returns once it waits)."""
+    path = os.path.join(run_dir, name)
+    argv = clone_argv(snap, mnt, name, path + ".qmp", ident, serial=path + ".serial",
+                      console_log=path + ".console")
+    argv += ["-daemonize", "-pidfile", path + ".pid"]
+    res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    if res.returncode:
+        raise SnapshotError(f"QEMU for {name} did not start: "
+                            + " ".join(res.stderr.split())[:300])
+    with open(path + ".pid") as f:
+        pid = int(f.read())
+    return {"name": name, "qmp": path + ".qmp", "serial": path + ".serial",
+            "console": path + ".console", "pid": pid, "vmgenid": ident.guid,
+            "macs": ident.macs}
+
+
+@dataclass
+class _Waiting:
+    """A started clone whose task holds its QMP connection, prepared for the
+    load: ``go`` sets it off, ``done`` says the load ended (``error`` if
+    it failed)."""
+
+    info: dict[str, Any]
+    ident: Identity
+    go: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Pool:
+    """``size`` clones of ``snap`` waiting on the mount at ``mnt``; run()
+    keeps it filled."""
+
+    def __init__(self, snap: Snapshot, mnt: str, run_dir: str, size: int, *,
+                 name: str = "clone", keep_mac: bool = False, mac_delay: float = 0.5) -> None:
+        self.snap, self.mnt, self.run_dir, self.size = snap, mnt, run_dir, size
+        self.name, self.keep_mac, self.mac_delay = name, keep_mac, mac_delay
+        self.waiting: list[_Waiting] = []
+        #: clones resumed so far
+        self.handed = 0
+        self._count = 0
+        self._lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fill the pool (started() once full), and hold the clones' tasks
+        until cancelled; then kill the clones that still wait."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self.fill()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            for w in self.waiting:
+                _kill(w.info)
+            for w in self.waiting:   # gone when the pool says it stopped
+                _wait_gone(w.info["pid"])
+            self.waiting = []
+
+    async def _start(self) -> _Waiting:
+        """A new clone, waiting, its task in the pool's nursery."""
+        assert self._nursery is not None
+        name = f"{self.name}{self._count}"
+        self._count += 1
+        ident = Identity(keep_mac=self.keep_mac)
+        info = await trio.to_thread.run_sync(start_daemonized, self.snap, self.mnt,
+                                             self.run_dir, name, ident)
+        try:
+            return await self._nursery.start(self._clone, _Waiting(info, ident))
+        except BaseException:
+            _kill(info)
+            raise
+
+    async def _clone(self, w: _Waiting, task_status: trio.TaskStatus[_Waiting]) -> None:
+        """One clone's life in the pool; a clone that dies while it waits
+        leaves the pool (and is replaced) instead of stopping it."""
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            started = True
+            task_status.started(w)
+        try:
+            await self._life(w, ready)
+        except Exception as e:
+            if not started:
+                raise
+            log.warning("pool: %s: %s", w.info["name"], e)
+            if "t_cont" in w.info:
+                return   # resumed: the caller's guest now, whatever its NICs did
+            w.error = w.error or e
+            _kill(w.info)
+            if w in self.waiting:
+                self.waiting.remove(w)
+                assert self._nursery is not None
+                self._nursery.start_soon(self.fill)
+        finally:
+            w.done.set()
+
+    async def _life(self, w: _Waiting, ready: Any) -> None:
+        """Prepared, waiting for ``go``, loaded and resumed, its NICs
+        replugged ``mac_delay`` s later; a clone whose load failed is killed
+        (never a half-restored guest)."""
+        async with QMP.connect(w.info["qmp"], timeout=30) as qmp:
+            await prepare_clone(qmp, w.ident.nics)
+            ready()
+            await w.go.wait()
+            try:
+                w.info["load_s"] = round(await load_clone(qmp, self.snap.devices,
+                                                          nics=w.ident.nics), 3)
+            except Exception as e:
+                w.error = e
+                _kill(w.info)
+                return
+            w.info["t_cont"] = time.monotonic()
+            self.handed += 1
+            w.done.set()
+            if w.ident.nics:
+                await trio.sleep(self.mac_delay)
+                await replace_nics(qmp, w.ident.nics)
+
+    async def fill(self) -> None:
+        """Start clones until ``size`` wait (one at a time: two cores are
+        better left to the clones that run)."""
+        while len(self.waiting) < self.size:
+            async with self._lock:   # one start at a time, also against take()
+                if len(self.waiting) >= self.size:
+                    return
+                w = await self._start()
+            self.waiting.append(w)
+            log.info("pool: %s waits (%d of %d)", w.info["name"], len(self.waiting), self.size)
+
+    async def take(self, n: int) -> list[dict[str, Any]]:
+        """Resume ``n`` clones at once (started now if fewer wait); the pool
+        refills in the background."""
+        assert self._nursery is not None
+        if n < 1:
+            raise PoolError("clones must be 1 or more")
+        took, self.waiting = self.waiting[:n], self.waiting[n:]
+        try:
+            while len(took) < n:
+                async with self._lock:
+                    took.append(await self._start())
+        except BaseException:
+            self.waiting[:0] = took
+            raise
+        for w in took:
+            w.go.set()
+        for w in took:
+            await w.done.wait()
+        self._nursery.start_soon(self.fill)
+        failed = [w for w in took if w.error is not None]
+        if failed:
+            raise SnapshotError(f"{failed[0].info['name']}: {failed[0].error}")
+        return sorted((w.info for w in took), key=lambda c: c["t_cont"])
+
+    async def serve(self, listener: trio.SocketListener) -> None:
+        """Answer requests on ``listener`` one at a time, until cancelled."""
+        while True:
+            stream = await listener.accept()
+            async with stream:
+                reply = await self._answer(stream)
+                try:
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    log.warning("pool: the client left before its answer: %s", reply)
+
+    async def _answer(self, stream: trio.SocketStream) -> dict[str, Any]:
+        try:
+            req = await _read_request(stream)
+            if os.path.realpath(str(req.get("snapshot"))) != os.path.realpath(self.snap.dir):
+                raise PoolError(f"this pool serves {self.snap.dir}, not {req.get('snapshot')}")
+            n = req.get("clones", 1)
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise PoolError(f"clones: not a number: {n!r}")
+            t = {"request": time.monotonic()}
+            clones = await self.take(n)
+            t["resumed"] = max(c["t_cont"] for c in clones)
+            return {"mount": self.mnt, "t": t, "clones": clones}
+        except (PoolError, SnapshotError, OSError, trio.TooSlowError) as e:
+            return {"error": str(e) or type(e).__name__}
+
+
+async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
+    data = b""
+    with trio.fail_after(10):
+        while not data.endswith(b"\n"):
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > _MAX_REQUEST:
+                raise PoolError("request too long")
+    try:
+        req = json.loads(data)
+    except ValueError:
+        raise PoolError(f"not a JSON request: {data[:80]!r}") from None
+    if not isinstance(req, dict):
+        raise PoolError(f"not a JSON object: {data[:80]!r}")
+    return req
+
+
+def _kill(info: dict[str, Any]) -> None:
+    try:
+        os.kill(info["pid"], 9)
+    except (OSError, KeyError):
+        pass
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Until a killed QEMU (not our child: it daemonized) has exited."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        time.sleep(0.01)
