@@ -19,32 +19,58 @@ from typing import Iterator
 from .pagemap import runs
 
 
-_NONZERO = bytes([0]) + bytes([1]) * 255
+#: _BIT[k][b]: bit k of byte b, as a byte (0 or 1)
+_BIT = [bytes((b >> k) & 1 for b in range(256)) for k in range(8)]
 
 
 class ServedPages:
-    """Per region: a served byte per page and its count."""
+    """Per region: a served bit per page and its count.  A bit, not a byte:
+    2 MiB for a 64 GiB region instead of 16 (issue 11: the daemon's RSS)."""
 
     def __init__(self) -> None:
         self._bits: dict[str, bytearray] = {}
+        self._npages: dict[str, int] = {}
         self._count: dict[str, int] = {}
 
     def add_region(self, name: str, npages: int) -> None:
         """Track ``name``: none of its pages served yet."""
-        self._bits[name] = bytearray(npages)
+        self._bits[name] = bytearray((npages + 7) >> 3)
+        self._npages[name] = npages
         self._count[name] = 0
 
     def mark(self, name: str, first: int, end: int) -> None:
         """Pages [first, end) are served from now on (each counted once)."""
+        end = min(end, self._npages[name])
+        if end <= first:
+            return
         bits = self._bits[name]
-        new = bits.count(0, first, end)
+        if end - first == 1:  # a 4 KiB READ, the common case
+            at, bit = first >> 3, 1 << (first & 7)
+            if not bits[at] & bit:
+                bits[at] |= bit
+                self._count[name] += 1
+            return
+        lo, hi = first >> 3, (end + 7) >> 3
+        old = int.from_bytes(bits[lo:hi], "little")
+        mask = ((1 << (end - first)) - 1) << (first & 7)
+        new = (mask & ~old).bit_count()
         if new:
-            bits[first:end] = b"\x01" * (end - first)
+            bits[lo:hi] = (old | mask).to_bytes(hi - lo, "little")
             self._count[name] += new
+
+    def pages(self, name: str) -> bytearray:
+        """A byte per page of ``name``: 1 if served (built in C: eight
+        translations and strided copies, not a loop over the pages)."""
+        bits = self._bits[name]
+        out = bytearray(8 * len(bits))
+        for k in range(8):
+            out[k::8] = bits.translate(_BIT[k])
+        del out[self._npages[name]:]
+        return out
 
     def runs(self, name: str) -> Iterator[tuple[int, int]]:
         """[start, end) of each run of served pages of ``name``."""
-        return runs(self._bits[name].translate(_NONZERO))
+        return runs(self.pages(name))
 
     def count(self, name: str | None = None) -> int:
         """Pages served, of ``name`` or of every region."""

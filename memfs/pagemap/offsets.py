@@ -30,7 +30,7 @@ SHIFT = 8
 LIMIT = 1 << (32 + SHIFT)
 _U32 = "I" if array("I").itemsize == 4 else ""  # no compact form without a 4-byte type
 #: entries packed per step: small enough for the byte slices to stay in cache
-_CHUNK = 1 << 16
+_CHUNK = 1 << 14
 
 
 class Offsets:
