@@ -49,3 +49,34 @@ def test_help_lists_every_command() -> None:
                          text=True, timeout=60)
     assert res.returncode == 0
     assert "{capture,mount,load,save,umount,stats,index,migrate,snapshot,restore}" in res.stdout
+
+
+def test_restore_option_errors_are_usage_errors(tmp_path: Path) -> None:
+    """A value that does not parse is a usage error (status 2) before the
+    snapshot is even looked at, as for every other command."""
+    res = subprocess.run([sys.executable, "-m", "memfs", "restore", str(tmp_path), "--mount",
+                          str(tmp_path / "mnt"), "--prefetch-rate", "12Q"],
+                         capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == (2, "memfs: --prefetch-rate 12Q: bad size '12Q'\n")
+    res = subprocess.run([sys.executable, "-m", "memfs", "restore", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == (
+        2, "memfs: restore: --mount MNT is needed (or --pool SOCK)\n")
+    res = subprocess.run([sys.executable, "-m", "memfs", "restore", str(tmp_path), "--pool",
+                          str(tmp_path / "p"), "--mount", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == (
+        2, "memfs: restore: --pool takes no --mount, --qmp, --print-args or --serve (the "
+        "pool has its mount and its QEMUs)\n")
+
+
+def test_the_cli_imports_no_layer_until_a_command_runs() -> None:
+    """``import memfs.cli`` stays cheap: ``memfs restore --pool`` and
+    ``memfs stats`` are on paths where an interpreter's start counts."""
+    code = ("import sys, memfs.cli\n"
+            "heavy = ('trio', 'pyfuse3', 'memfs.daemon', 'memfs.qemu', 'memfs.capture',\n"
+            "         'memfs.pagemap', 'memfs.control')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout == "[]\n", res.stderr

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import trio
 
 from ..report import parse_size
+from .common import option
 from ..snapshot import SnapshotError
 from ..qemu.nic import Nic, replace_nics
 from ..qemu.props import join_props, parse_props
@@ -88,6 +89,10 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
     if a.clones < 1:
         print("memfs: restore: --clones must be 1 or more", file=sys.stderr)
         return 2
+    if not a.mount:
+        print("memfs: restore: --mount MNT is needed (or --pool SOCK)", file=sys.stderr)
+        return 2
+    rate = option("--prefetch-rate", parse_size, a.prefetch_rate)
     try:
         snap = open_snapshot(a.dir)
         t["checked"] = time.monotonic()
@@ -95,9 +100,6 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
             print("memfs: restore: warning: the saved guest has no vmgenid device: its "
                   "clones cannot learn that they are clones (start guests with "
                   "-device vmgenid)", file=sys.stderr)
-        if not a.mount:
-            print("memfs: restore: --mount MNT is needed (or --pool SOCK)", file=sys.stderr)
-            return 2
         mnt = os.path.abspath(a.mount)
         if a.qmp:
             return _run_external(a, snap, mnt, t)
@@ -105,7 +107,7 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         if a.serve:
             from .restore_serve import serve
-            return serve(a, snap, mnt, run_dir, _rate(a))
+            return serve(a, snap, mnt, run_dir, rate)
         names = [f"{a.name}{i}" for i in range(a.clones)]
         if a.print_args:
             ensure_mount(snap, mnt, trace=not a.no_trace, fork=True,
@@ -116,7 +118,7 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
                                             os.path.join(run_dir, name + ".qmp"), ident)))
             return 0
         mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True, store=a.store,
-                               prefetch=not a.no_prefetch, prefetch_rate=_rate(a),
+                               prefetch=not a.no_prefetch, prefetch_rate=rate,
                                prefetch_delay=a.prefetch_delay)
         t["mounted"] = time.monotonic()
         clones: list[dict[str, Any]] = []
@@ -158,15 +160,6 @@ def _report(mnt: str, t: dict[str, float], clones: list[dict[str, Any]]) -> None
     """What was done and when (host monotonic clock), on stdout as JSON."""
     print(json.dumps({"mount": mnt, "seconds": round(time.monotonic() - t["start"], 3),
                       "t": t, "clones": clones}, indent=1))
-
-
-def _rate(a: argparse.Namespace) -> float | None:
-    if a.prefetch_rate is None:
-        return None
-    try:
-        return float(parse_size(a.prefetch_rate))
-    except ValueError as e:
-        raise SnapshotError(f"--prefetch-rate {a.prefetch_rate}: {e}") from None
 
 
 def _start_clones(snap: Snapshot, mnt: str, run_dir: str, names: Sequence[str],
