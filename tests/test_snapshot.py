@@ -651,8 +651,8 @@ async def test_restore_pool(saved: Saved, guest: GuestImage, tmp_path: Path) -> 
     ``--pool`` resumes them: each has the snapshot's mark and checksums and
     a vmgenid of its own, the pool refills, and more clones than wait are
     started on demand; a request for another snapshot and a pool that is not
-    there are refused in one line; stopping the pool kills only the clones
-    that still wait."""
+    there are refused in one line; a waiting clone that dies is replaced;
+    stopping the pool kills only the clones that still wait."""
     from memfs.qemu.guest import GuestSum
     from memfs.qemu.qmp import QMP
     mnt, run, sock = tmp_path / "mnt", tmp_path / "run", tmp_path / "pool.sock"
@@ -662,6 +662,7 @@ async def test_restore_pool(saved: Saved, guest: GuestImage, tmp_path: Path) -> 
          "--run-dir", str(run), "--clones", "2", "--serve", str(sock)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     resumed: list[dict] = []
+    dead = ""
     try:
         assert server.stdout is not None
         ready = json.loads(await trio.to_thread.run_sync(server.stdout.readline))
@@ -697,12 +698,27 @@ async def test_restore_pool(saved: Saved, guest: GuestImage, tmp_path: Path) -> 
         with trio.fail_after(60):   # the pool fills up again
             while len(list(run.glob("*.pid"))) < 6:
                 await trio.sleep(0.1)
+        # a waiting clone that dies is replaced before anyone asks for it
+        dead = next(p.stem for p in run.glob("*.pid")
+                    if p.stem not in {c["name"] for c in resumed})
+        os.kill(int((run / f"{dead}.pid").read_text()), 9)
+        with trio.fail_after(60):
+            while len(list(run.glob("*.pid"))) < 7:
+                await trio.sleep(0.1)
+        (last,) = (await _pool_restore(saved.dir, sock, 1))["clones"]
+        assert last["name"] != dead
+        assert await _serial_line(last["serial"], "readmark", "MARKED") == "MARKED m-snap"
+        resumed.append(last)
+        with trio.fail_after(60):
+            while len(list(run.glob("*.pid"))) < 8:
+                await trio.sleep(0.1)
     finally:
         server.send_signal(15)
         _, err = await trio.to_thread.run_sync(lambda: server.communicate(timeout=60))
         print(err)
     assert server.returncode == 0, err
-    assert err.splitlines()[-1] == f"memfs: restore pool {sock} stopped; 4 clones were resumed"
+    assert err.splitlines()[-1] == f"memfs: restore pool {sock} stopped; 5 clones were resumed"
+    assert f"pool: {dead}: QEMU exited while it waited; replaced" in err
     pids = {p.stem: int(p.read_text()) for p in run.glob("*.pid")}
     try:
         assert {n for n, pid in pids.items() if _pid_alive(pid)} == {c["name"] for c in resumed}

@@ -33,7 +33,7 @@ import trio
 
 from ..snapshot import SnapshotError
 from .nic import replace_nics
-from .qmp import QMP
+from .qmp import QMP, QMPClosed, unwrap_single
 from .restore import Identity, Snapshot, clone_argv, load_clone, prepare_clone
 
 __all__ = ["Pool", "PoolError", "start_daemonized"]
@@ -160,7 +160,7 @@ class Pool:
         async with QMP.connect(w.info["qmp"], timeout=30) as qmp:
             await prepare_clone(qmp, w.ident.nics)
             ready()
-            await w.go.wait()
+            await _until_set(w.go, qmp)
             try:
                 w.info["load_s"] = round(await load_clone(qmp, self.snap.devices,
                                                           nics=w.ident.nics), 3)
@@ -254,6 +254,22 @@ async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
     if not isinstance(req, dict):
         raise PoolError(f"not a JSON object: {data[:80]!r}")
     return req
+
+
+async def _until_set(go: trio.Event, qmp: QMP) -> None:
+    """Wait for ``go``; a QEMU that exits meanwhile (its QMP connection ends)
+    raises QMPClosed at once, so that the pool replaces it before anyone
+    asks for it."""
+    async def watch() -> None:
+        try:
+            await qmp.wait_event("memfs-never", timeout=None)   # raises when closed
+        except QMPClosed:
+            raise PoolError("QEMU exited while it waited; replaced") from None
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await go.wait()
+            nursery.cancel_scope.cancel()
 
 
 def _kill(info: dict[str, Any]) -> None:
