@@ -698,6 +698,12 @@ async def test_restore_pool(saved: Saved, guest: GuestImage, tmp_path: Path) -> 
         with trio.fail_after(60):   # the pool fills up again
             while len(list(run.glob("*.pid"))) < 6:
                 await trio.sleep(0.1)
+        res = await trio.to_thread.run_sync(lambda: subprocess.run(   # one pool per socket
+            [sys.executable, "-m", "memfs.cli", "restore", str(saved.dir), "--mount",
+             str(tmp_path / "mnt2"), "--serve", str(sock)], capture_output=True, text=True,
+            timeout=60))
+        assert res.returncode == 1 and res.stderr.splitlines() == [
+            f"memfs: restore failed: {sock}: a restore pool already listens there"]
         # a waiting clone that dies is replaced before anyone asks for it
         dead = next(p.stem for p in run.glob("*.pid")
                     if p.stem not in {c["name"] for c in resumed})

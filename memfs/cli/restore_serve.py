@@ -25,9 +25,9 @@ from ..qemu.restore import Snapshot, ensure_mount
 __all__ = ["serve"]
 
 
-def _listen(path: str) -> socket.socket:
-    """A unix socket at ``path``; a stale one (nobody listening) is replaced,
-    a live one refused."""
+def _check_free(path: str) -> None:
+    """A stale socket at ``path`` (nobody listening) is removed, a live one
+    refused: before anything is mounted or started."""
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX)
         try:
@@ -38,6 +38,11 @@ def _listen(path: str) -> socket.socket:
             raise OSError(f"{path}: a restore pool already listens there")
         finally:
             probe.close()
+
+
+def _listen(path: str) -> socket.socket:
+    """Bound after the mount: its daemon is a fork of this process and must
+    not inherit the pool's socket."""
     s = socket.socket(socket.AF_UNIX)
     s.bind(path)
     os.chmod(path, 0o600)
@@ -64,24 +69,22 @@ def serve(a: argparse.Namespace, snap: Snapshot, mnt: str, run_dir: str,
           rate: float | None) -> int:
     """The pool in the foreground; its readiness is one JSON line on stdout."""
     path = os.path.abspath(a.serve)
-    sock = _listen(path)
+    _check_free(path)
+    mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True, store=a.store,
+                           prefetch=not a.no_prefetch, prefetch_rate=rate)
+    pool = Pool(snap, mnt, run_dir, a.clones, name=a.name, keep_mac=a.keep_mac,
+                mac_delay=a.mac_delay)
     try:
-        mounted = ensure_mount(snap, mnt, trace=not a.no_trace, fork=True, store=a.store,
-                               prefetch=not a.no_prefetch, prefetch_rate=rate)
-        pool = Pool(snap, mnt, run_dir, a.clones, name=a.name, keep_mac=a.keep_mac,
-                    mac_delay=a.mac_delay)
+        sock = _listen(path)
         try:
             trio.run(_run, pool, sock, path)
         finally:
-            if mounted and not pool.handed:
-                from .restore_run import undo
-                undo(run_dir, [], mnt)
-    finally:
-        sock.close()
-        try:
+            sock.close()
             os.unlink(path)
-        except FileNotFoundError:
-            pass
+    finally:
+        if mounted and not pool.handed:
+            from .restore_run import undo
+            undo(run_dir, [], mnt)
     print(f"memfs: restore pool {path} stopped; {pool.handed} clones were resumed",
           file=sys.stderr)
     return 0
