@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 import trio
@@ -341,6 +342,17 @@ def test_replaced_volume_is_refused(saved: Saved, tmp_path: Path) -> None:
         os.replace(backup, saved.volume)
 
 
+async def _kill_and_umount(pids: Iterable[int], mnt: Path) -> None:
+    """The clones a test started (daemonized, so killed by pid), then their mount."""
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    await trio.sleep(0.5)
+    umount(mnt)
+
+
 async def _serial_line(path: str, command: str, pattern: str) -> str:
     """Send a console command over a clone's serial socket and return the
     first line starting with ``pattern``."""
@@ -420,13 +432,7 @@ async def test_restore_command_line(saved: Saved, tmp_path: Path) -> None:
             f"memfs: restore failed: QEMU {run}/ext0.qmp is 'running', not waiting for a "
             "migration (start it with -incoming defer)"], res.stderr
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        await trio.sleep(0.5)
-        umount(mnt)
+        await _kill_and_umount(pids, mnt)
 
 
 @on_guest
@@ -729,10 +735,4 @@ async def test_restore_pool(saved: Saved, guest: GuestImage, tmp_path: Path) -> 
     try:
         assert {n for n, pid in pids.items() if _pid_alive(pid)} == {c["name"] for c in resumed}
     finally:
-        for pid in pids.values():
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        await trio.sleep(0.5)
-        umount(mnt)
+        await _kill_and_umount(pids.values(), mnt)
