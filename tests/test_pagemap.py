@@ -232,3 +232,24 @@ def test_well_formed_envelope_odd_documents(top: dict, regions: list) -> None:
         return
     for r in pm.regions:
         assert len(r.states) == len(r.disks) == len(r.offsets) == len(r.checksums) == r.npages
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.lists(st.tuples(st.sampled_from(list(PageState)), st.integers(0, 3)),
+                                   min_size=1, max_size=200))
+def test_tally_counts_pages_by_state_and_remote_ones_by_disk(ndisks: int, pages: list) -> None:
+    """The counts a mount's gauges start from, with one disk (no per-disk
+    split to make) and with several."""
+    pages = [(s, d % ndisks) for s, d in pages]
+    r = Region.empty("ram0", len(pages) * PAGE_SIZE)
+    for p, (s, d) in enumerate(pages):
+        if s == PageState.REMOTE:
+            r.set_remote(p, d, p * PAGE_SIZE, 1)
+        else:
+            r.set_state(p, s)
+    t = r.start_tally(ndisks)
+    assert (t.zero, t.local) == (sum(s == PageState.ZERO for s, _ in pages),
+                                 sum(s == PageState.LOCAL for s, _ in pages))
+    assert t.remote[:ndisks] == [sum(s == PageState.REMOTE and d == k for s, d in pages)
+                                 for k in range(ndisks)]
+    assert t.remote_total == r.count(PageState.REMOTE)

@@ -197,7 +197,7 @@ class Tally:
         #: remote pages by disk index
         self.remote = [0] * 256
         nremote = len(st) - self.zero - self.local
-        if nremote:
+        if nremote and ndisks > 1:  # with one disk, every remote page is on disk 0
             mask = st.translate(bytes(255 if i == PageState.REMOTE else 0 for i in range(256)))
             on = (int.from_bytes(mask, "little") & int.from_bytes(region.disks, "little")
                   ).to_bytes(len(st), "little")
@@ -206,6 +206,8 @@ class Tally:
                 self.remote[d] = on.count(d)
                 rest -= self.remote[d]
             self.remote[0] = rest
+        else:
+            self.remote[0] = nremote
 
     @property
     def remote_total(self) -> int:
