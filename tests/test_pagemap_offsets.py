@@ -98,7 +98,10 @@ def test_values_no_uint64_holds_are_refused_and_change_nothing() -> None:
     with pytest.raises(IndexError):
         o[2] = 4096
     with pytest.raises(IndexError):
+        o[2] = 1 << 50  # would widen: refused first
+    with pytest.raises(IndexError):
         o[2]
+    assert o.compact and list(o) == [4096, 8192]
 
 
 @pytest.mark.parametrize("n", [1, _CHUNK - 1, _CHUNK, _CHUNK + 1, 2 * _CHUNK + 3])

@@ -144,7 +144,8 @@ class Offsets:
             if value & 0xFF == 0 and 0 <= value < LIMIT:
                 self.raw[i] = value >> SHIFT
                 return
-            array("Q", [value])  # a value no uint64 holds fails here, before widening
+            array("Q", [value])  # a value no uint64 holds fails here, before widening,
+            self.raw[i]  # and so does an index out of range
             self._widen()
         self.raw[i] = value
 
