@@ -63,6 +63,17 @@ def remote_pages(region: Region, first: int, count: int) -> list[int]:
     return [p for p in range(first, first + count) if states[p] == remote]
 
 
+def stretches(pages: list[int]) -> list[tuple[int, int]]:
+    """Ascending page indexes -> (first, count) of each consecutive stretch."""
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
 def ranges(pages: list[int]) -> str:
     """Compact "1-4,9" form for log lines."""
     out: list[str] = []

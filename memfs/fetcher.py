@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 
 import trio
 
+from ._fast import has_xxh3, verify
 from .disks import Disk, DiskError
 from .fetch_flight import Flight, Flights
 from .fetch_plan import Run, coalesce, ranges as _ranges, remote_pages
@@ -320,14 +321,7 @@ class Fetcher:
                     retry.extend(p for p, _ in r.pages)
                     continue
                 self.stats.add("bytes_fetched", len(data))
-                view = memoryview(data)
-                bad = []
-                for p, pos in r.pages:
-                    page = view[pos:pos + ps]
-                    if checksum(page) == sums[p]:
-                        good[p] = page
-                    else:
-                        bad.append(p)
+                bad = _verify(memoryview(data), ps, sums, r.pages, good)
                 ok = len(r.pages) - len(bad)
                 self.stats.add("pages_fetched", ok)
                 self.stats.add("pages_fetched_prefetch" if prefetch else "pages_fetched_demand", ok)
@@ -346,3 +340,21 @@ class Fetcher:
         self.stats.add("pages_failed", len(retry))
         return retry, reason
 
+
+def _check(view: memoryview, ps: int, sums: Sequence[int], pages: Sequence[tuple[int, int]],
+           good: dict[int, memoryview]) -> list[int]:
+    """``_fast.verify`` page by page: pages that match go into ``good``
+    (views of ``view``), the others are returned."""
+    bad = []
+    for p, pos in pages:
+        page = view[pos:pos + ps]
+        if checksum(page) == sums[p]:
+            good[p] = page
+        else:
+            bad.append(p)
+    return bad
+
+
+#: a run's pages checked in one C call (xxh3 from the system's libxxhash,
+#: without the GIL), or in Python where that library is missing
+_verify = verify if has_xxh3() else _check

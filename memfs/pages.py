@@ -17,8 +17,9 @@ from typing import Any, Protocol, Sequence
 
 import trio
 
-from ._fast import scatter
+from ._fast import scatter, span
 from .dirty import DirtySet
+from .fetch_plan import stretches
 from .fetcher import Fetcher, FetchError, remote_pages
 from .held import HeldPages
 from .pagemap import PageMap, PageMapError, PageState, Region
@@ -191,7 +192,7 @@ class PageServer:
 
     # -- READ ------------------------------------------------------------------
 
-    async def read(self, name: str, offset: int, size: int) -> bytes | bytearray:
+    async def read(self, name: str, offset: int, size: int) -> bytes | bytearray | memoryview:
         t0 = time.perf_counter()
         region = await self._region(name)
         end = min(offset + size, region.size)
@@ -211,32 +212,38 @@ class PageServer:
             return data  # whole pages (the kernel's usual READ): no copy
         return data[lo:lo + end - offset]
 
-    async def _read_pages(self, region: Region, first: int, count: int) -> bytes | bytearray:
+    async def _read_pages(self, region: Region, first: int,
+                          count: int) -> bytes | bytearray | memoryview:
         """``count`` whole pages from ``first``: all verified, or PageIOError."""
         ps = region.page_size
         states = region.states[first:first + count]
         if not any(states):
             return bytes(count * ps)
-        buf = bytearray(count * ps)
+        got: dict[int, memoryview] = {}
         fresh: list[int] = []
         if REMOTE in states:
             self.stats.add("faults")
             pages = remote_pages(region, first, count)
             self.trace.record(region.name, region.npages, pages)
-            fresh = await self._fetch_into(region, first, buf, pages, defer=True)
+            fresh = await self._fetch_into(region, got, pages, defer=True)
+            if len(fresh) == count:  # all fetched and current: answered with the
+                whole = span(got, first, count, ps)  # disk's buffer if they lie in order
+                if whole is not None:
+                    return whole
+        buf = bytearray(count * ps)
+        scatter(buf, first, ps, got)  # one call, not a slice per page
         await self._copy_local(region, first, count, buf, skip=fresh)
         return buf
 
-    async def _fetch_into(self, region: Region, first: int, buf: bytearray,
+    async def _fetch_into(self, region: Region, into: dict[int, memoryview],
                           pages: list[int], defer: bool = False) -> list[int]:
-        """Fetch ``pages`` into ``buf``; return those whose bytes in ``buf``
+        """Fetch ``pages`` (their views go ``into``); return those whose bytes
         are current (the others were written meanwhile: read the store).
 
         ``defer`` moves the store write off the READ's critical path: the
         pages stay REMOTE until it lands, and ``keep`` re-checks under the
         lock, so a write that comes first still wins."""
         assert self.fetcher is not None
-        ps = region.page_size
         own: set[int] = set()
         try:
             got = await self.fetcher.fetch(region, pages, own=own)
@@ -245,7 +252,7 @@ class PageServer:
             # verified neighbours are still worth keeping for the next READ
             await self.keep(region, e.partial)
             raise PageIOError(errno.EIO, str(e)) from None
-        scatter(buf, first, ps, got)  # one call, not a slice per page
+        into.update(got)
         # Pages another fetch brought (joined, or fetched and not yet stored)
         # are kept here and now, behind that fetch's own store write: a READ
         # answers once its pages are stored, as when it fetched them itself.
@@ -298,7 +305,7 @@ class PageServer:
         async with self._locks[region.name]:
             pages = sorted(p for p in got if states[p] == REMOTE)
             writes = []
-            spans = _stretches(pages)
+            spans = stretches(pages)
             for p0, n in spans:
                 data = got[p0] if n == 1 else [got[p] for p in range(p0, p0 + n)]
                 writes.append((p0 * ps, data))
@@ -330,7 +337,7 @@ class PageServer:
             return
         view = memoryview(buf)
         items = [(p * ps, view[(p - first) * ps:(p - first + n) * ps])
-                 for p, n in _stretches(local)]
+                 for p, n in stretches(local)]
         try:
             await self.store.read_into(region.name, items)
         except OSError as e:
@@ -355,11 +362,10 @@ class PageServer:
         first, last = offset // ps, (end + ps - 1) // ps
         partial = {p for p, cut in ((first, offset % ps), (last - 1, end % ps)) if cut}
         # A partial page needs its old content: fetch it first (outside the lock).
-        fetched: dict[int, bytearray] = {}
+        fetched: dict[int, memoryview] = {}
         for p in sorted(partial):
             if region.states[p] == REMOTE:
-                buf = fetched[p] = bytearray(ps)
-                await self._fetch_into(region, p, buf, [p])
+                await self._fetch_into(region, fetched, [p])
         async with self._locks[name]:
             self.held.drop(name, first, last)  # a push's bytes of them are stale now
             if partial:
@@ -387,14 +393,3 @@ class PageServer:
         self.stats.add("writes")
         self.stats.add("bytes_written", len(data))
         return len(data)
-
-
-def _stretches(pages: list[int]) -> list[tuple[int, int]]:
-    """Ascending page indexes -> (first, count) of each consecutive stretch."""
-    out: list[tuple[int, int]] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((p, 1))
-    return out

@@ -21,7 +21,7 @@ import os
 
 import trio
 
-from .._fast import AIO
+from .._fast import AIO, Buffer, pool
 
 #: O_DIRECT wants offsets and lengths in logical blocks (512 B on every
 #: device memfs meets; a device that wants more says EINVAL, and the file
@@ -29,47 +29,63 @@ from .._fast import AIO
 ALIGN = 512
 #: reads up to this size land in a pooled buffer and are copied out (a
 #: copy of a few KiB is cheaper than an mmap); larger ones are answered
-#: with a view of their own buffer, not copied
+#: with a view of their own buffer (``_fast.Buffer``: memory faulted in
+#: once and reused when its last view is gone), not copied
 SMALL = 128 << 10
 POOL = 16
 DEPTH = 256
-#: read-ahead windows: from RA_MIN, twice the last read, up to RA_MAX; at
-#: most RA_WINDOWS kept; a read this far past the last one is still in order
-RA_MIN, RA_MAX, RA_WINDOWS = 256 << 10, 4 << 20, 3
+#: read-ahead windows: from RA_MIN, twice the last read, up to RA_MAX;
+#: RA_DEPTH of them ahead of the reader (one is not ready in time: a READ at
+#: each window's start waited 3-6 ms for the disk), at most RA_WINDOWS kept;
+#: a read this far past the last one is still in order
+RA_MIN, RA_MAX, RA_DEPTH, RA_WINDOWS = 256 << 10, 4 << 20, 2, 4
 GAP = 64 << 10
-#: only reads up to this size start read-ahead: larger ones come from the
-#: prefetcher (which reads its next batch itself) or from 1 MiB READs of a
-#: huge-page mapping (four to a touch, then elsewhere)
-RA_TRIGGER = 256 << 10
-_HUGE = 2 << 20
+#: reads up to RA_TRIGGER start read-ahead; larger ones up to RA_LARGE (a
+#: FUSE READ's 1 MiB) only once RA_STREAK bytes were read in order before
+#: them: a sequential first touch, not a huge-page fault (four 1 MiB READs,
+#: then elsewhere); the prefetcher's larger batches read their next batch
+#: themselves
+RA_TRIGGER, RA_LARGE, RA_STREAK = 256 << 10, 1 << 20, 4 << 20
+#: idle read buffers the pool keeps (``_fast.pool``): READs whose buffers
+#: wait for their store writes come in bursts; a second with no read takes
+#: gives them all back (``_give_back_idle``)
+POOL_BYTES = 64 << 20
+pool(POOL_BYTES)
+_giving_back = trio.lowlevel.RunVar("memfs_direct_give_back", default=False)
+
+
+async def _give_back_idle() -> None:
+    """Unmap the pooled read buffers once no read took one for a second:
+    the pool is for bursts of reads, not memory kept for ever."""
+    last = None
+    while True:
+        await trio.sleep(1.0)
+        idle, _, made, reused = pool()
+        if idle and (made, reused) == last:
+            pool(0)
+            pool(POOL_BYTES)
+        last = made, reused
+
+
+def _buffer(length: int) -> Buffer:
+    """A read buffer, from the pool if it has one of this size."""
+    if not _giving_back.get():
+        _giving_back.set(True)
+        trio.lowlevel.spawn_system_task(_give_back_idle, name="memfs-direct-buffers")
+    return Buffer(length)
 
 
 def _anon(length: int) -> mmap.mmap:
-    """A page-aligned buffer for O_DIRECT: private anonymous memory (a
-    shared one is a shmem file: every page the kernel pins for the read is
-    allocated, zeroed and indexed in it, and unmapping truncates it), in
-    huge pages from 2 MiB on.  io_submit pins the buffer on the trio loop:
-    for a fresh 4 MiB read that took 3.2-3.5 ms in small private pages,
-    3.8-5.9 ms in shmem and 1.0-1.6 ms in huge pages (/var/tmp on ext4,
-    virtio disk, measured).  A read of 1 MiB and more gets whole huge pages
-    (a 1 MiB read: 2 MiB mapped; submit 0.23 ms instead of 0.6-0.7, the
-    read 1.1 ms instead of 1.7); the buffer lives only until the pages are
-    stored."""
-    if length >= _HUGE // 2 and hasattr(mmap, "MADV_HUGEPAGE"):
-        length = -(-length // _HUGE) * _HUGE
-    buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
-    if length >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without THP: small pages then
-            pass
-    return buf
+    """A page-aligned buffer for the small reads' pool (private anonymous
+    memory: a shared one is a shmem file, every page pinned for the read
+    allocated, zeroed and indexed in it)."""
+    return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
 
 
 class _Window:
     """One read-ahead read: its bytes once the kernel has them."""
 
-    def __init__(self, start: int, end: int, key: int, buf: mmap.mmap) -> None:
+    def __init__(self, start: int, end: int, key: int, buf: Buffer) -> None:
         self.start, self.end, self.key = start, end, key
         self.view = memoryview(buf)
         self.res: int | None = None
@@ -113,9 +129,17 @@ class DirectReader:
         self._pool: list[mmap.mmap] = []
         #: where the last read ended, and the read-ahead windows (oldest first)
         self._next = -1
+        self._streak = 0  # bytes read in order up to _next
         self._windows: list[_Window] = []
         self.size = os.fstat(fd).st_size
-        self.stats = {"direct_readahead_hits": 0, "direct_readahead_bytes": 0}
+        self._stats = {"direct_readahead_hits": 0, "direct_readahead_bytes": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Read-ahead hits and bytes; the process's read buffers (fresh
+        mappings against buffers taken from the pool)."""
+        _, _, made, reused = pool()
+        return dict(self._stats, direct_buffers_made=made, direct_buffers_reused=reused)
 
     @classmethod
     def open(cls, fd: int) -> "DirectReader | None":
@@ -146,13 +170,15 @@ class DirectReader:
         that starts where the last one ended (or a short gap after: zero
         pages are not on the volume) sends the next window ahead of it; a
         read inside a window is answered from it."""
-        seq = 0 <= offset - self._next <= GAP and length <= RA_TRIGGER
-        self._next = offset + length
+        streak = self._streak if 0 <= offset - self._next <= GAP else -1
+        seq = length <= RA_TRIGGER or (length <= RA_LARGE and streak >= RA_STREAK)
+        seq = seq and streak >= 0
+        self._next, self._streak = offset + length, max(streak, 0) + length
         for w in self._windows:
             if w.start <= offset and offset + length <= w.end:
                 res = await w.wait(self)
                 if res == w.end - w.start:
-                    self.stats["direct_readahead_hits"] += 1
+                    self._stats["direct_readahead_hits"] += 1
                     if seq:
                         self._ahead(w.end, max(w.end - w.start, length))
                     at = offset - w.start
@@ -164,27 +190,38 @@ class DirectReader:
         return await self._read(offset, length)
 
     def _ahead(self, start: int, last: int) -> None:
-        """Send the window after ``start`` unless it is sent already."""
-        if any(w.start <= start < w.end for w in self._windows):
-            return
+        """Send the RA_DEPTH windows from ``start`` on that are not sent yet."""
+        for _ in range(RA_DEPTH):
+            w = next((w for w in self._windows if w.start <= start < w.end), None) \
+                or self._send(start, last)
+            if w is None:
+                return
+            start, last = w.end, w.end - w.start
+
+    def _send(self, start: int, last: int) -> _Window | None:
+        """The window from ``start``, sent (None: at the end, or no room)."""
         size = min(max(2 * last, RA_MIN), RA_MAX)
-        end = min(start + size, self.size - self.size % ALIGN)
+        step = min(size, RA_LARGE)  # windows end on READ boundaries: READs fit in one
+        end = min(-(-(start + size) // step) * step, self.size - self.size % ALIGN)
         if end - start < ALIGN or self._aio.inflight >= DEPTH - 2:
-            return
-        buf = _anon(end - start)  # perhaps larger (whole huge pages)
+            return None
+        buf = _buffer(end - start)
         key = next(self._keys)
-        self._aio.submit(self.fd, memoryview(buf)[:end - start], start, key)
-        self.stats["direct_readahead_bytes"] += end - start
-        self._windows.append(_Window(start, end, key, buf))
+        self._aio.submit(self.fd, buf, start, key)
+        self._stats["direct_readahead_bytes"] += end - start
+        w = _Window(start, end, key, buf)
+        self._windows.append(w)
         while len(self._windows) > RA_WINDOWS:
             self._windows.pop(0).drop(self)
+        return w
 
     async def _read(self, offset: int, length: int) -> tuple[bytes | memoryview, int]:
         small = length <= SMALL
+        buf: mmap.mmap | Buffer
         if small:
             buf = self._pool.pop() if self._pool else _anon(SMALL)
         else:
-            buf = _anon(length)
+            buf = _buffer(length)
         key = next(self._keys)
         view = memoryview(buf)[:length]
         self._aio.submit(self.fd, view, offset, key)
@@ -202,6 +239,8 @@ class DirectReader:
         return data, res
 
     async def _wait(self, key: int) -> int:
+        if key not in self._done:  # done already? no trip through the loop then
+            self._reap(clear=False)  # (the eventfd stays set for the task on it)
         while key not in self._done:
             if not self._leading:
                 self._leading = True
@@ -226,8 +265,8 @@ class DirectReader:
         if self._done.pop(key, None) is None:
             self._abandoned.add(key)
 
-    def _reap(self) -> None:
-        for key, res in self._aio.reap():
+    def _reap(self, clear: bool = True) -> None:
+        for key, res in self._aio.reap(clear):
             if key in self._abandoned:
                 self._abandoned.discard(key)
                 continue
