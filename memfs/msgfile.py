@@ -32,7 +32,7 @@ import os
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import msgpack
 import xxhash
@@ -45,6 +45,39 @@ HEADER_SIZE = _HEAD.size + 8 + 16
 MAX_DOC = (1 << 32) - 1
 
 Buffer = bytes | bytearray | memoryview
+
+#: the raw tail is read (and checksummed while it is in the CPU's cache) this
+#: much at a time
+READ_CHUNK = 1 << 20
+#: what a Sink is handed at a time: whole uint64s, small enough for its
+#: conversion to run in cache
+SINK_CHUNK = 1 << 18
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A part of the raw tail that is not read in place but handed over in
+    chunks as it is read: ``SINK_CHUNK`` bytes each (a multiple of 8), the
+    last one shorter,
+    each valid only during the call.  A loader converts it on the way (a page
+    map packs its offsets) without a temporary copy of the whole array.  The
+    chunks come before the whole checksum is known: nothing built from them
+    may be used unless :func:`load_into` returns."""
+
+    nbytes: int
+
+    def write(self, chunk: bytearray) -> None: ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A part of the raw tail produced in pieces when it is written (a page
+    map's packed offsets, unpacked a piece at a time): ``chunks()`` may be
+    called more than once and gives the same ``nbytes`` bytes each time."""
+
+    nbytes: int
+
+    def chunks(self) -> Iterable[Buffer]: ...
 
 
 @dataclass(frozen=True)
@@ -66,12 +99,26 @@ class Format:
         return self.error(why)
 
 
-def _nbytes(chunks: Iterable[Buffer]) -> int:
-    return sum(memoryview(c).nbytes for c in chunks)
+Part = Buffer | Sink | Source
 
 
-def envelope(fmt: Format, doc: Iterable[Buffer], raw: Sequence[Buffer] = ()) -> list[Buffer]:
-    """The file as chunks: header, document, raw tail (not copied)."""
+def _nbytes(chunks: Iterable[Part]) -> int:
+    return sum(c.nbytes if isinstance(c, (Sink, Source)) else memoryview(c).nbytes
+               for c in chunks)
+
+
+def _pieces(parts: Iterable[Buffer | Source]) -> Iterator[Buffer]:
+    for c in parts:
+        if isinstance(c, Source):
+            yield from c.chunks()
+        else:
+            yield c
+
+
+def envelope(fmt: Format, doc: Iterable[Buffer],
+             raw: Sequence[Buffer | Source] = ()) -> Iterator[Buffer]:
+    """The file as chunks: header, document, raw tail (not copied; a Source
+    is gone through twice, for the checksum and for the chunks)."""
     docs = list(doc)
     doc_len = _nbytes(docs)
     if doc_len > MAX_DOC:
@@ -82,17 +129,17 @@ def envelope(fmt: Format, doc: Iterable[Buffer], raw: Sequence[Buffer] = ()) -> 
         h.update(c)
     head += _DOCSUM.pack(h.intdigest())
     whole = xxhash.xxh3_128(head)
-    for c in (*docs, *raw):
+    for c in _pieces((*docs, *raw)):
         whole.update(c)
-    return [head + whole.digest(), *docs, *raw]
+    return _pieces((head + whole.digest(), *docs, *raw))
 
 
-def dumps(fmt: Format, doc: Iterable[Buffer], raw: Sequence[Buffer] = ()) -> bytes:
+def dumps(fmt: Format, doc: Iterable[Buffer], raw: Sequence[Buffer | Source] = ()) -> bytes:
     return b"".join(memoryview(c).cast("B") for c in envelope(fmt, doc, raw))
 
 
 def write(path: str | os.PathLike[str], fmt: Format, doc: Iterable[Buffer],
-          raw: Sequence[Buffer] = (), mode: int = PRIVATE) -> None:
+          raw: Sequence[Buffer | Source] = (), mode: int = PRIVATE) -> None:
     """Write the file atomically (fileio.atomic_write); raises OSError."""
     atomic_write(path, envelope(fmt, doc, raw), mode=mode)
 
@@ -181,22 +228,48 @@ def _open(path: str | os.PathLike[str], fmt: Format) -> tuple[int, int]:
         if not (st.st_mode & 0o170000 == 0o100000):
             raise fmt.fail(f"cannot read {fmt.what} {os.fspath(path)}: not a regular file")
         os.set_blocking(fd, True)
+        # the tail is read in order: let the kernel read ahead of us (cold files)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     except BaseException:
         os.close(fd)
         raise
     return fd, st.st_size
 
 
-Alloc = Callable[[dict, int], Sequence[Buffer]]
+Alloc = Callable[[dict, int], Sequence[Buffer | Sink]]
+
+
+def _read_tail(fd: int, fmt: Format, bufs: Sequence[Buffer | Sink], whole: Any) -> None:
+    """Fill ``bufs`` from ``fd`` in order, each piece added to the checksum
+    ``whole`` right after it is read, while it is still in the CPU's cache."""
+    scratch = bytearray(SINK_CHUNK)
+    for b in bufs:
+        if isinstance(b, Sink):
+            left = b.nbytes
+            while left:
+                chunk = scratch if left >= SINK_CHUNK else bytearray(left)
+                if _readinto(fd, memoryview(chunk)) != len(chunk):
+                    raise fmt.fail(f"{fmt.what} changed while it was read")
+                whole.update(chunk)
+                b.write(chunk)
+                left -= len(chunk)
+            continue
+        v = memoryview(b).cast("B")
+        for at in range(0, len(v), READ_CHUNK):
+            piece = v[at:at + READ_CHUNK]
+            if _readinto(fd, piece) != len(piece):
+                raise fmt.fail(f"{fmt.what} changed while it was read")
+            whole.update(piece)
 
 
 def load_into(path: str | os.PathLike[str], fmt: Format,
-              alloc: Alloc | None = None) -> tuple[dict, Sequence[Buffer]]:
+              alloc: Alloc | None = None) -> tuple[dict, Sequence[Buffer | Sink]]:
     """Read and check the file at ``path``: its document, and its raw tail
     read straight into the writable buffers ``alloc(document, tail length)``
-    returns (it raises ``fmt.error`` unless their sizes add up to the tail
-    length, before it allocates them).  Errors are ``fmt.error`` naming the
-    file; nothing is returned unless the whole checksum holds."""
+    returns, or handed to those of them that are a :class:`Sink` as it is
+    read (``alloc`` raises ``fmt.error`` unless their sizes add up to the
+    tail length, before it allocates them).  Errors are ``fmt.error`` naming
+    the file; nothing is returned unless the whole checksum holds."""
     name = os.fspath(path)
     fd, size = _open(path, fmt)
     try:
@@ -208,17 +281,13 @@ def load_into(path: str | os.PathLike[str], fmt: Format,
         if _readinto(fd, doc_buf) != doc_len:
             raise fmt.fail(f"{fmt.what} changed while it was read")
         doc = _decode(fmt, head, doc_buf)
-        bufs: Sequence[Buffer] = alloc(doc, raw_len) if alloc else [bytearray(raw_len)]
+        bufs = alloc(doc, raw_len) if alloc else [bytearray(raw_len)]
         if _nbytes(bufs) != raw_len:
             raise fmt.fail(f"{fmt.what}: the document describes {_nbytes(bufs)} bytes of "
                            f"arrays, the file holds {raw_len}")
         whole = xxhash.xxh3_128(head[:HEADER_SIZE - 16])
         whole.update(doc_buf)
-        for b in bufs:
-            v = memoryview(b).cast("B")
-            if _readinto(fd, v) != len(v):
-                raise fmt.fail(f"{fmt.what} changed while it was read")
-            whole.update(v)
+        _read_tail(fd, fmt, bufs, whole)
         if os.read(fd, 1):
             raise fmt.fail(f"{fmt.what} changed while it was read")
         if whole.digest() != head[HEADER_SIZE - 16:]:

@@ -48,7 +48,7 @@ def doc() -> dict:
     return msgfile.loads_raw(FORMAT, sample_map().dumps())[0]
 
 
-RAW = b"".join(sample_map()._raw())  # ram0: 16 pages, ram1: 1 page
+RAW = bytes(msgfile.loads_raw(FORMAT, sample_map().dumps())[1])  # ram0: 16 pages, ram1: 1
 
 
 def pack(d: object, raw: bytes = RAW) -> bytes:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import msgpack
 
 from .. import msgfile
-from .offsets import Offsets
+from .offsets import Offsets, Packer
 from .region import (_LITTLE, MAX_DISKS, MAX_REGIONS, PageMapError, PageState, Region,
                      check_geometry, u64_bytes)
 
@@ -69,10 +69,10 @@ class PageMap:
         return msgpack.packb({"disks": list(self.disks), "meta": self.meta,
                               "regions": regions}, use_bin_type=True)
 
-    def _raw(self) -> list[memoryview]:
-        out = []
+    def _raw(self) -> list[memoryview | msgfile.Source]:
+        out: list[memoryview | msgfile.Source] = []
         for r in self.regions:
-            out += [memoryview(r.states), memoryview(r.disks), memoryview(r.offsets.le_bytes()),
+            out += [memoryview(r.states), memoryview(r.disks), _LeOffsets(r.offsets),
                     _le(r.checksums)]
         return out
 
@@ -85,6 +85,11 @@ class PageMap:
         bufs = _alloc(doc, len(raw))
         at = 0
         for buf in bufs:
+            if isinstance(buf, Packer):
+                for a in range(at, at + buf.nbytes, msgfile.SINK_CHUNK):
+                    buf.write(bytearray(raw[a:min(a + msgfile.SINK_CHUNK, at + buf.nbytes)]))
+                at += buf.nbytes
+                continue
             view = memoryview(buf).cast("B")
             view[:] = raw[at:at + len(view)]
             at += len(view)
@@ -106,6 +111,17 @@ class PageMap:
 
 def _le(a: array) -> memoryview:
     return memoryview(a).cast("B") if _LITTLE else memoryview(u64_bytes(a))
+
+
+class _LeOffsets:
+    """A region's offsets as the file holds them (little-endian uint64s),
+    unpacked a piece at a time while the file is written (a msgfile.Source)."""
+
+    def __init__(self, offsets: Offsets) -> None:
+        self.offsets, self.nbytes = offsets, 8 * len(offsets)
+
+    def chunks(self) -> Iterator[bytes | bytearray | memoryview]:
+        return self.offsets.le_chunks()
 
 
 # -- validation ------------------------------------------------------------
@@ -143,18 +159,19 @@ def _geometry(doc: dict) -> list[tuple[str, int, int]]:
     return out
 
 
-def _alloc(doc: dict, raw_len: int) -> list[bytearray | array]:
+def _alloc(doc: dict, raw_len: int) -> list[bytearray | array | Packer]:
     """Zeroed per-page arrays for the regions ``doc`` describes, once their
     total size is known to be the file's: a lying document cannot make us
-    allocate more than the file holds."""
+    allocate more than the file holds.  The offsets are packed as they are
+    read (a Packer), never held as the file's uint64s."""
     npages = [size // ps for _, size, ps in _geometry(doc)]
     need = 18 * sum(npages)
     if need != raw_len:
         raise PageMapError(f"the regions need {need} bytes of per-page arrays, the file "
                            f"holds {raw_len}")
-    bufs: list[bytearray | array] = []
-    for n in npages:  # the offsets as file bytes: Offsets.from_le packs them
-        bufs += [bytearray(n), bytearray(n), bytearray(8 * n), array("Q", [0]) * n]
+    bufs: list[bytearray | array | Packer] = []
+    for n in npages:
+        bufs += [bytearray(n), bytearray(n), Packer(n), array("Q", [0]) * n]
     return bufs
 
 
@@ -168,14 +185,11 @@ def _build(doc: dict, bufs: list) -> PageMap:
         raise PageMapError("page map: 'meta' should be a map")
     pm = PageMap(disks=list(disks), meta=meta)
     for k, (name, size, ps) in enumerate(_geometry(doc)):
-        states, pdisks, raw_offsets, checksums = bufs[4 * k:4 * k + 4]
-        bufs[4 * k + 2] = b""  # freed once packed
+        states, pdisks, packer, checksums = bufs[4 * k:4 * k + 4]
         if not _LITTLE:
             checksums.byteswap()
         _check_pages(name, states, pdisks, len(disks))
-        offsets = Offsets.from_le(raw_offsets)
-        del raw_offsets
-        pm.regions.append(Region(name, size, ps, states, pdisks, offsets, checksums))
+        pm.regions.append(Region(name, size, ps, states, pdisks, packer.result(), checksums))
     return pm
 
 

@@ -30,7 +30,8 @@ SHIFT = 8
 LIMIT = 1 << (32 + SHIFT)
 _U32 = "I" if array("I").itemsize == 4 else ""  # no compact form without a 4-byte type
 #: entries packed per step: small enough for the byte slices to stay in cache
-_CHUNK = 1 << 14
+_CHUNK = 1 << 13
+_ZERO = bytes(_CHUNK)
 
 
 class Offsets:
@@ -58,14 +59,15 @@ class Offsets:
     def from_le(cls, data: bytes | bytearray) -> "Offsets":
         """From little-endian uint64 bytes (a page map file): compact when
         every value fits, else the uint64 array."""
-        packed = _pack(data)
-        if packed is not None:
-            return cls(packed, SHIFT)
-        wide = array("Q")
-        wide.frombytes(data)
-        if not _LITTLE:
-            wide.byteswap()
-        return cls(wide)
+        view = memoryview(data).cast("B")
+        if len(view) % 8:
+            raise ValueError("offsets: a whole number of uint64s expected")
+        p = Packer(len(view) // 8)
+        step = 8 * _CHUNK
+        for at in range(0, len(view), step):
+            p.write(bytes(view[at:at + step]) if isinstance(data, memoryview)
+                    else data[at:at + step])
+        return p.result()
 
     @classmethod
     def of(cls, values: "Offsets | array | Iterable[int]") -> "Offsets":
@@ -113,7 +115,15 @@ class Offsets:
         """The values as little-endian uint64 bytes (the page map file)."""
         if not self.shift:
             return _le_of(self.raw)
-        return _unpack(self.raw)
+        return b"".join(_le_chunks(self.raw))
+
+    def le_chunks(self) -> Iterator[bytes | bytearray | memoryview]:
+        """The same bytes in pieces: a compact array is unpacked a piece at a
+        time, never whole (a page map is saved without a uint64 copy)."""
+        if not self.shift:
+            yield _le_of(self.raw)
+        else:
+            yield from _le_chunks(self.raw)
 
     def tobytes(self) -> bytes:
         """Native uint64 bytes, as ``array('Q').tobytes()`` gives."""
@@ -172,53 +182,91 @@ def _le_of(wide: array) -> bytes | memoryview:
     return b.tobytes()
 
 
-def _pack(data: bytes | bytearray | memoryview) -> array | None:
-    """Little-endian uint64s -> native uint32s of value >> 8, or None if one
-    of them does not fit (not a multiple of 256, or 1 TiB and more)."""
-    n = len(data) // 8
-    if not _U32 or len(data) != 8 * n:
-        return None
-    out = array(_U32, [0]) * n  # faster than from bytes(4 * n) (no copy of zeros)
-    dst = memoryview(out).cast("B")
-    zero = bytes(_CHUNK)
-    tmp = bytearray(4 * _CHUNK)
+class Packer:
+    """Offsets built from little-endian uint64 bytes handed in chunks (a
+    page map file as it is read): each chunk is packed as it comes, so the
+    file's uint64s never exist whole in memory; the first value that does not
+    fit turns the rest into the uint64 array.  A :class:`memfs.msgfile.Sink`."""
+
+    def __init__(self, n: int) -> None:
+        self.nbytes = 8 * n
+        self._n, self._at = n, 0
+        #: packed uint32s (on the way), or little-endian uint64s once widened
+        self._out = array(_U32, [0]) * n if _U32 else array("Q", [0]) * n
+        self._compact = bool(_U32)
+        self._dst = memoryview(self._out).cast("B")
+
+    def write(self, chunk: bytes | bytearray) -> None:
+        """The next ``len(chunk) // 8`` values (``chunk`` is a multiple of 8
+        bytes and is not kept)."""
+        m = len(chunk) // 8
+        if len(chunk) != 8 * m or self._at + m > self._n:
+            raise ValueError("offsets: a chunk of whole uint64s within the array expected")
+        if self._compact and not _pack_into(chunk, self._dst, 4 * self._at):
+            self._widen()
+        if not self._compact:
+            self._dst[8 * self._at:8 * (self._at + m)] = chunk
+        self._at += m
+
+    def _widen(self) -> None:
+        wide = array("Q", [0]) * self._n
+        dst = memoryview(wide).cast("B")
+        done = self._out[:self._at]
+        if not _LITTLE:  # the packed part is little-endian until result()
+            done.byteswap()
+        at = 0
+        for part in _le_chunks(done):
+            dst[at:at + len(part)] = part
+            at += len(part)
+        self._out, self._dst, self._compact = wide, dst, False
+
+    def result(self) -> "Offsets":
+        """The offsets, once all ``nbytes`` were written."""
+        if self._at != self._n:
+            raise ValueError(f"offsets: {self._at} of {self._n} values written")
+        out, self._out, self._dst = self._out, array("Q"), memoryview(b"")
+        if not _LITTLE:
+            out.byteswap()
+        return Offsets(out, SHIFT if self._compact else 0)
+
+
+def _pack_into(src: bytes | bytearray, dst: memoryview, at: int) -> bool:
+    """Little-endian uint64s -> native uint32s of value >> 8 written at byte
+    ``at`` of ``dst``; False (part of them written) if one does not fit (not
+    a multiple of 256, or 1 TiB and more).  On bytes and bytearrays only:
+    their strided slices are C loops, a memoryview's are not."""
+    n = len(src) // 8
+    zero, tmp = _ZERO, bytearray(4 * _CHUNK)
     for a in range(0, n, _CHUNK):
         b = min(n, a + _CHUNK)
-        lo, hi, m = 8 * a, 8 * b, b - a
-        if isinstance(data, memoryview):  # its strided slices are slow: copy the chunk
-            src, base = bytes(data[lo:hi]), 0
-        else:
-            src, base = data, lo
-        end = base + 8 * m
-        if m != _CHUNK:
-            zero, tmp = bytes(m), bytearray(4 * m)
-        for k in (0, 5, 6, 7):
-            if src[base + k:end:8] != zero:
-                return None
-        for k in range(4):
-            tmp[k::4] = src[base + k + 1:end:8]
-        dst[4 * a:4 * b] = tmp
-    if not _LITTLE:
-        out.byteswap()
-    return out
+        lo, hi = 8 * a, 8 * b
+        if b - a != _CHUNK:
+            zero, tmp = bytes(b - a), bytearray(4 * (b - a))
+        if src[lo:hi:8] != zero or src[lo + 5:hi:8] != zero or src[lo + 6:hi:8] != zero \
+                or src[lo + 7:hi:8] != zero:
+            return False
+        tmp[0::4] = src[lo + 1:hi:8]
+        tmp[1::4] = src[lo + 2:hi:8]
+        tmp[2::4] = src[lo + 3:hi:8]
+        tmp[3::4] = src[lo + 4:hi:8]
+        dst[at + 4 * a:at + 4 * b] = tmp
+    return True
 
 
-def _unpack(packed: array) -> bytearray:
-    """Native uint32s of value >> 8 -> the values as little-endian uint64s."""
-    n = len(packed)
+def _le_chunks(packed: array) -> Iterator[bytearray]:
+    """Native uint32s of value >> 8 -> the values as little-endian uint64s,
+    ``8 * _CHUNK`` bytes at a time (each chunk a new bytearray)."""
     if not _LITTLE:
         packed = array(_U32, packed)
         packed.byteswap()
     src = memoryview(packed).cast("B")
-    out = bytearray(8 * n)
-    dst = memoryview(out)
-    tmp = bytearray(8 * _CHUNK)
+    n = len(packed)
     for a in range(0, n, _CHUNK):
         b = min(n, a + _CHUNK)
-        if b - a != _CHUNK:
-            tmp = bytearray(8 * (b - a))
         part = bytes(src[4 * a:4 * b])
-        for k in range(4):
-            tmp[k + 1::8] = part[k::4]
-        dst[8 * a:8 * b] = tmp
-    return out
+        out = bytearray(8 * (b - a))
+        out[1::8] = part[0::4]
+        out[2::8] = part[1::4]
+        out[3::8] = part[2::4]
+        out[4::8] = part[3::4]
+        yield out
