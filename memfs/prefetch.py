@@ -93,22 +93,33 @@ def read_through(res: Residency, offset: int, length: int) -> int:
     away: the kernel fills its page cache with READs to this daemon for the
     pages it lacks.  In a worker thread, never on the trio loop, which must
     answer those READs.  The bytes only cross into this buffer: one copy,
-    about 1 ms per 4 MiB batch."""
+    about 1 ms per 4 MiB batch.  One preadv for the whole range (the same
+    buffer in every iovec): each system call that waits for the daemon
+    gives the GIL up, and taking it back from a busy loop is a wait of its
+    own (6 MiB against a spinning thread: 0.52 ms in one call, 0.92 ms in
+    six, measured)."""
     before = res.cached(offset, length)
-    view = _scratch()
     at, end = offset, offset + length
     while at < end:
-        n = os.preadv(res.fd, [view[:min(len(view), end - at)]], at)
+        n = os.preadv(res.fd, _iovecs(end - at), at)
         if n <= 0:
             break  # end of file
         at += n
     return max(0, res.cached(offset, length) - before)
 
 
+def _iovecs(length: int) -> list[memoryview]:
+    """``length`` bytes of iovecs, all this thread's one scratch buffer."""
+    view = _scratch()
+    full, rest = divmod(min(length, _SCRATCH * _IOV_MAX), _SCRATCH)
+    return [view] * full + ([view[:rest]] if rest else [])
+
+
 _local = threading.local()
 #: the throw-away buffer of each push thread; its size does not bound the
 #: READs (the kernel's read-ahead window does)
 _SCRATCH = 1 << 20
+_IOV_MAX = 1024
 
 
 def _scratch() -> memoryview:

@@ -237,3 +237,16 @@ async def test_hot_pages_from_capture_go_first(tmp_path, ram) -> None:
     loaded = Trace.loads(t.dumps())
     loaded.record("ram0", 1024, [5, 2])  # a loaded trace keeps its order
     assert list(loaded.order["ram0"]) == [900, 2, 601, 5]
+
+
+def test_a_push_reads_its_whole_range_in_one_call() -> None:
+    """read_through's iovecs cover the range (up to the cap) with the
+    thread's one scratch buffer: one system call per batch, no buffer per
+    batch."""
+    from memfs import prefetch
+    mib = prefetch._SCRATCH
+    for length, want in ((PS, [PS]), (mib, [mib]), (5 * mib + 3 * PS, [mib] * 5 + [3 * PS]),
+                         (prefetch._IOV_MAX * mib + PS, [mib] * prefetch._IOV_MAX)):
+        iov = prefetch._iovecs(length)
+        assert [len(v) for v in iov] == want
+        assert all(v.obj is iov[0].obj for v in iov)

@@ -67,20 +67,29 @@ class LocalFigures(Rig):
     def fig4(self, s: dict[str, Any]) -> dict[str, Any]:
         """First touches of pushed pages (the mount is complete), and the
         same touches of a tmpfs file whose pages are all present: what a
-        page-cache hit costs on this machine."""
-        pages = spread(self.remote, self.a.samples, self.rng)
+        page-cache hit costs on this machine.  Both files are touched at the
+        same offsets, one touch of each in turn (which goes first
+        alternates): each touch of one file has the same page-table
+        layout, free-page lists and host load as its twin of the other.
+        (Touched one file after the other at the same offsets, the second
+        ran up to ~10 % faster: 5.4 against 5.0 us, measured.)"""
+        w = self.write_bytes()
+        pages = spread([p for p in self.remote if p < w // PS], self.a.samples, self.rng)
+        offsets = [p * PS for p in pages]
         m = mapping(self.path, self.size)
+        tm = mapping(self.tmpfs_file, w)
         s0 = stats(self.mnt)
-        hits = touch_timed(m, [p * PS for p in pages])
+        hits: list[float] = []
+        tmpfs: list[float] = []
+        for i, off in enumerate(offsets):
+            for mm, out in ((m, hits), (tm, tmpfs)) if i % 2 else ((tm, tmpfs), (m, hits)):
+                out.extend(touch_timed(mm, [off]))
         s1 = stats(self.mnt)
         m.close()
-        tm = mapping(self.tmpfs_file, self.write_bytes())
-        tpages = spread(list(range(self.write_bytes() // PS)), len(pages), self.rng)
-        tmpfs = touch_timed(tm, [p * PS for p in tpages])
         tm.close()
         return {"memfs": lat(hits, with_max=True), "tmpfs_hit": lat(tmpfs, with_max=True),
                 "reads_during_touches": s1["reads"] - s0["reads"],
-                "pages_pushed": s.get("pages_pushed")}
+                "pages_pushed": s.get("pages_pushed"), "order": "interleaved, same offsets"}
 
     def writes(self) -> dict[str, Any]:
         """Write 1 byte per page, then memset whole pages, each + msync."""
