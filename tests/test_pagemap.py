@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from array import array
 
 import msgpack
 import pytest
@@ -253,3 +254,69 @@ def test_tally_counts_pages_by_state_and_remote_ones_by_disk(ndisks: int, pages:
     assert t.remote[:ndisks] == [sum(s == PageState.REMOTE and d == k for s, d in pages)
                                  for k in range(ndisks)]
     assert t.remote_total == r.count(PageState.REMOTE)
+
+
+def big_map(npages: int, odd: int | None = None) -> PageMap:
+    """One region whose offsets span several of the loader's chunks; with
+    ``odd``, that page's offset does not fit the compact form."""
+    r = Region.empty("ram0", npages * PAGE_SIZE)
+    r.states[1::2] = bytes([PageState.REMOTE]) * (npages // 2)
+    r.offsets[1::2] = array("Q", range(PAGE_SIZE, npages * PAGE_SIZE, 2 * PAGE_SIZE))
+    if odd is not None:
+        r.offsets[odd] = (1 << 40) + 512
+    r.checksums[1::2] = array("Q", range(npages // 2))
+    return PageMap(disks=["/srv/vol"], regions=[r])
+
+
+BIG = 3 * msgfile.SINK_CHUNK // 8 + 5  # pages: the offsets in four chunks, the last short
+
+
+@pytest.mark.parametrize("odd", [None, 0, msgfile.SINK_CHUNK // 8, BIG - 1])
+def test_a_map_loaded_from_a_file_packs_its_offsets_while_reading(tmp_path, odd) -> None:
+    pm = big_map(BIG, odd)
+    path = tmp_path / "pm"
+    pm.save(path)
+    assert path.read_bytes() == pm.dumps()
+    back = PageMap.load(path).regions[0]
+    assert back == pm.regions[0] and back.offsets.compact == (odd is None)
+    assert PageMap.loads(pm.dumps()).regions[0] == back
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 8 * BIG - 1), st.sampled_from([0, 1, 4, 5, 7]), st.integers(0, 7))
+def test_a_flipped_offset_bit_in_a_file_is_refused(tmp_path_factory, page: int, byte: int,
+                                                    bit: int) -> None:
+    """Anywhere in the offsets, in every chunk, and in the bytes that decide
+    whether they stay compact: refused with the file's name, never loaded."""
+    pm = big_map(BIG)
+    good = pm.dumps()
+    at = good.index(pm.regions[0].offsets.le_bytes()) + 8 * (page % BIG) + byte
+    bad = bytearray(good)
+    bad[at] ^= 1 << bit
+    path = tmp_path_factory.mktemp("pm") / "pm"
+    path.write_bytes(bad)
+    with pytest.raises(PageMapError, match=f"^{path}: page map checksum mismatch: the file is "
+                                           "corrupt$"):
+        PageMap.load(path)
+
+
+def test_load_and_save_hold_no_uint64_copy_of_the_offsets(tmp_path) -> None:
+    """Python's allocations while a 1 Mi page map (4 GiB region) is loaded
+    and saved: beyond the arrays loaded, less than the offsets' uint64 form
+    (8 MiB) — they are packed and unpacked a piece at a time."""
+    import tracemalloc
+    pm = big_map(1 << 20)
+    path = tmp_path / "pm"
+    pm.save(path)
+    tracemalloc.start()
+    try:
+        back = PageMap.load(path)
+        kept, peak = tracemalloc.get_traced_memory()
+        assert kept >= 14 << 20 and peak - kept < 2 << 20, (kept, peak)
+        tracemalloc.reset_peak()
+        back.save(path)
+        now, peak = tracemalloc.get_traced_memory()
+        assert peak - kept < 3 << 20, (kept, peak)  # the writer's 1 MiB buffer among them
+    finally:
+        tracemalloc.stop()
+    assert back.regions[0].offsets.compact and back == pm

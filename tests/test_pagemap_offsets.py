@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memfs.pagemap import PAGE_SIZE, PageMap, Region
-from memfs.pagemap.offsets import _CHUNK, LIMIT, Offsets
+from memfs.pagemap.offsets import _CHUNK, LIMIT, Offsets, Packer
 
 U64 = (1 << 64) - 1
 
@@ -43,6 +43,7 @@ def test_every_value_comes_back_and_packs_only_when_all_fit(values: list[int]) -
     back = Offsets.from_le(bytes(o.le_bytes()))
     assert back == o and back.compact == o.compact and back == array("Q", values)
     assert Offsets.of(array("Q", values)) == o and o.copy() == o
+    assert b"".join(o.le_chunks()) == bytes(o.le_bytes())
 
 
 @settings(max_examples=300, deadline=None)
@@ -151,3 +152,58 @@ def test_region_setters_keep_every_offset() -> None:
     assert list(r.offsets) == [0, 5 * PAGE_SIZE, (1 << 40) + 512, 4097, 0, 0, 0, 0]
     r.set_zero(2)
     assert r.offsets[2] == 0 and r.offsets[1] == 5 * PAGE_SIZE
+
+
+def packed_in_pieces(values: list[int], cuts: list[int]) -> Offsets:
+    """``values`` through a Packer, handed their file bytes cut at ``cuts``
+    (entry indexes), as a page map file is while it is read."""
+    data = struct.pack(f"<{len(values)}Q", *values)
+    p = Packer(len(values))
+    assert p.nbytes == len(data)
+    at = 0
+    for cut in sorted({c % (len(values) + 1) for c in cuts} | {len(values)}):
+        p.write(bytearray(data[8 * at:8 * cut]))
+        at = cut
+    return p.result()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3 * _CHUNK), st.integers(1, 1 << 28),
+       st.lists(st.integers(0, 3 * _CHUNK), max_size=6),
+       st.lists(st.tuples(st.integers(0, 3 * _CHUNK), EDGES | VALUE), max_size=3))
+def test_packed_while_read_in_any_pieces(n: int, step: int, cuts: list[int],
+                                         odd: list[tuple[int, int]]) -> None:
+    """Any cut of the file's bytes packs to what the whole array packs to; a
+    value that does not fit in any piece (the first, a middle or the last)
+    turns the array into uint64s with every earlier value kept."""
+    values = [(i * step % (1 << 28)) * PAGE_SIZE for i in range(n)]  # up to 1 TiB - 4 KiB
+    for i, v in odd:
+        values[i % len(values)] = v
+    o = packed_in_pieces(values, cuts)
+    assert o.compact == all(fits(v) for v in values)
+    assert list(o) == values and o == Offsets.of(values)
+    assert b"".join(o.le_chunks()) == struct.pack(f"<{len(values)}Q", *values)
+
+
+@pytest.mark.parametrize("n", [1, _CHUNK, 2 * _CHUNK + 3])
+@pytest.mark.parametrize("at", ["first", "last"])
+def test_a_widening_piece_keeps_what_was_packed_before(n: int, at: str) -> None:
+    values = list(range(0, 3 * n * PAGE_SIZE, PAGE_SIZE))
+    i = {"first": 0, "last": len(values) - 1}[at]
+    values[i] = LIMIT + 256
+    o = packed_in_pieces(values, [n, 2 * n])  # the odd value in the first or the last piece
+    assert not o.compact and list(o) == values
+
+
+def test_a_packer_refuses_broken_pieces_and_an_early_result() -> None:
+    p = Packer(3)
+    with pytest.raises(ValueError, match=r"^offsets: a chunk of whole uint64s within the "
+                                         r"array expected$"):
+        p.write(bytes(7))
+    p.write(struct.pack("<2Q", 4096, 8192))
+    with pytest.raises(ValueError, match=r"^offsets: 2 of 3 values written$"):
+        p.result()
+    with pytest.raises(ValueError, match="within the array"):
+        p.write(bytes(16))  # one more than the array holds
+    p.write(memoryview(struct.pack("<Q", 1 << 20)))
+    assert list(p.result()) == [4096, 8192, 1 << 20]

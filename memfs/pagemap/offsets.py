@@ -11,8 +11,12 @@ the array in place: a value is never lost or rounded.
 The packing runs on bytes, at C speed: the uint32 ``offset >> 8`` is bytes
 1..4 of the little-endian uint64, so it is four strided byte slices, and
 "fits" is bytes 0 and 5..7 being zero.  No Python loop visits 16 Mi entries.
+It runs on 64 KiB of uint64s at a time, which stay in the CPU's cache.
 
-The page map FILE keeps uint64s (:meth:`Offsets.le_bytes`, :meth:`from_le`).
+The page map FILE keeps uint64s.  A file is packed while it is read
+(:class:`Packer`, handed the file's bytes in chunks) and unpacked a piece at
+a time while it is written (:meth:`Offsets.le_chunks`): the uint64 form of a
+compact array never exists whole in memory (128 MiB at 16 Mi pages).
 Hot loops read :attr:`raw` and :attr:`shift` once (``raw[p] << shift``)
 instead of paying a Python ``__getitem__`` per page; they must read them
 again after anything that may assign, since a widening replaces :attr:`raw`.
@@ -56,7 +60,7 @@ class Offsets:
         return cls(array(_U32, bytes(4 * n)), SHIFT)
 
     @classmethod
-    def from_le(cls, data: bytes | bytearray) -> "Offsets":
+    def from_le(cls, data: bytes | bytearray | memoryview) -> "Offsets":
         """From little-endian uint64 bytes (a page map file): compact when
         every value fits, else the uint64 array."""
         view = memoryview(data).cast("B")
@@ -65,8 +69,7 @@ class Offsets:
         p = Packer(len(view) // 8)
         step = 8 * _CHUNK
         for at in range(0, len(view), step):
-            p.write(bytes(view[at:at + step]) if isinstance(data, memoryview)
-                    else data[at:at + step])
+            p.write(view[at:at + step] if isinstance(data, memoryview) else data[at:at + step])
         return p.result()
 
     @classmethod
@@ -196,9 +199,12 @@ class Packer:
         self._compact = bool(_U32)
         self._dst = memoryview(self._out).cast("B")
 
-    def write(self, chunk: bytes | bytearray) -> None:
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
         """The next ``len(chunk) // 8`` values (``chunk`` is a multiple of 8
-        bytes and is not kept)."""
+        bytes and is not kept; a memoryview is copied first, since its
+        strided slices are slow)."""
+        if isinstance(chunk, memoryview):
+            chunk = chunk.tobytes()
         m = len(chunk) // 8
         if len(chunk) != 8 * m or self._at + m > self._n:
             raise ValueError("offsets: a chunk of whole uint64s within the array expected")
