@@ -18,7 +18,7 @@ import trio
 
 from . import nbd_proto as p
 from .base import DiskError
-from .nbd_sock import socket_of
+from .nbd_sock import NOTHING, OWN_MAX, TOOK, SocketReader, socket_of
 
 log = logging.getLogger("memfs.nbd")
 
@@ -60,14 +60,30 @@ class Conn:
         self.lied = False
         #: writes acknowledged on this connection since its last flush
         self.dirty = 0
+        #: the cookie of a caller reading its own reply (0: the reader task reads)
+        self.owner = 0
+        #: the reader task's wait while nothing is in flight (cancelled when a
+        #: caller takes the socket), and where it waits until the caller is done
+        self._idle: trio.CancelScope | None = None
+        self._handback = trio.lowlevel.ParkingLot()
 
     async def run_reader(self) -> None:
-        """Match replies to requests until the connection dies, then fail the rest."""
+        """Match replies to requests until the connection dies, then fail the rest.
+
+        While a caller reads its own reply (``owner``) the reader waits aside."""
         reason = "closed"
         try:
-            while True:
+            while self.alive:
+                if self.owner:
+                    await self._handback.park()
+                    continue
                 if not self.pending:  # nothing can come: wait before reading
-                    await self.reader.idle()
+                    with trio.CancelScope() as idle:
+                        self._idle = idle
+                        await self.reader.idle()
+                    self._idle = None
+                    if idle.cancelled_caught or self.owner:  # a caller took the socket
+                        continue
                 cookie, done = await p.receive_reply(self.reader, self.info.structured,
                                                      self.pending)
                 if done:
@@ -93,6 +109,7 @@ class Conn:
             self.death = reason
             self._on_death(self, reason)
         self.out_lot.unpark_all()
+        self._handback.unpark_all()
         waiters, self.waiters = self.waiters, {}
         for task in waiters.values():
             if task is not None:
@@ -132,10 +149,13 @@ class Conn:
         a request on the wire.  With nothing queued, a request without
         payload goes straight to the non-blocking socket (no task to wake);
         what the kernel does not take, and everything else, the writer sends
-        in order, batching whatever is queued into one send.
+        in order, batching whatever is queued into one send.  A small read
+        sent so while nothing else is in flight is the caller's to read
+        (``owner``): :meth:`wait` takes its reply from the socket itself.
         """
         if not self.alive:
             raise Lost(self.death or "connection is closed")
+        alone = not self.pending
         self.pending[cookie] = req
         self.waiters[cookie] = None
         head = p.encode_request(req.cmd, cookie, req.offset, req.length)
@@ -145,6 +165,8 @@ class Conn:
             except OSError:  # full, or broken: the writer finds out which
                 sent = 0
             if sent == len(head):
+                if alone and req.buf is not None and 0 < req.length <= OWN_MAX:
+                    self._take_socket(cookie)
                 return
             head = head[sent:]
         self.outq.append(head)
@@ -152,9 +174,43 @@ class Conn:
             self.outq.append(payload)
         self.out_lot.unpark_all()
 
+    def _take_socket(self, cookie: int) -> None:
+        """Make ``cookie``'s caller the socket's reader if the reader task is
+        idle with nothing buffered (its idle wait is cancelled, it waits aside)."""
+        if self.owner or not isinstance(self.reader, SocketReader) or self.reader._buf:
+            return
+        self.owner = cookie
+        if self._idle is not None:
+            self._idle.cancel()
+
+    async def _read_own(self, cookie: int) -> bool:
+        """The owner's wait: its reply read off the socket in this task (no
+        hand-over from the reader task).  False if something else came (it
+        is buffered for the reader) or the connection was closed: then the
+        reader task goes on and the caller waits for it as usual."""
+        req = self.pending[cookie]
+        try:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(self._sock)
+                except trio.ClosedResourceError:  # killed: wait() sees it lost
+                    return False
+                got = self.reader.take_reply(cookie, req, self.info.structured)  # type: ignore
+                if got == TOOK:
+                    del self.pending[cookie]
+                    del self.waiters[cookie]
+                    return True
+                if got != NOTHING:
+                    return False
+        finally:
+            self.owner = 0
+            self._handback.unpark_all()
+
     async def wait(self, cookie: int) -> None:
         """Until ``cookie``'s reply is in or the connection died (``lost``
         tells which).  Cancelled: the reply is still read, and dropped."""
+        if self.owner == cookie and await self._read_own(cookie):
+            return
         if cookie not in self.waiters:
             await trio.lowlevel.checkpoint()
             return

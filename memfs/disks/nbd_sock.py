@@ -9,12 +9,17 @@ itself and waits (``wait_readable``) only when the kernel has nothing yet:
 one pass per reply.  Error texts are trio's, so logs and ``DiskError``
 messages read the same on both paths.  Other streams (trio's memory streams
 in tests) keep the plain :class:`nbd_proto.Reader`.
+
+A caller alone on the connection reads its own reply (:meth:`SocketReader.take_reply`):
+one ``readv`` into the reply's header and the request's buffer, checked in one step;
+anything else it read stays buffered, in order, for the general parse.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import trio
 
@@ -27,6 +32,14 @@ _CLOSED = {errno.EBADF, errno.ENOTSOCK}
 _SPIN = 64
 #: a payload still missing at least this much is received in place
 INTO_MIN = 64 << 10
+#: the longest read whose caller may read its own reply (one readv takes it whole)
+OWN_MAX = 64 << 10
+#: take_reply's answers: the reply is in the request; nothing there yet; anything
+#: else (kept in the buffer, or an error kept for the next read): the reader parses
+TOOK, NOTHING, OTHER = 1, 0, -1
+
+_SIMPLE_HEAD = struct.Struct(">IIQ")       # magic, error, cookie
+_DATA_HEAD = struct.Struct(">IHHQIQ")      # magic, flags, type, cookie, length, data offset
 
 
 def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
@@ -53,8 +66,13 @@ class SocketReader(p.Reader):
         super().__init__(stream)
         self._sock = sock
         self._spins = 0
+        #: a failure met by take_reply, raised by the reader's next read
+        self._failed: p.NBDConnectionLost | None = None
+        self._head = bytearray(_DATA_HEAD.size)
 
     def _fd(self) -> int:
+        if self._failed is not None:
+            raise self._failed
         fd = self._sock.fileno()
         if fd < 0:  # closed by the connection: never read a reused number
             raise p.NBDConnectionLost("connection lost: this socket was already closed")
@@ -114,3 +132,38 @@ class SocketReader(p.Reader):
             await self._got(k)
         if have < n:
             await super().into(view[have:])
+
+    def take_reply(self, cookie: int, req: p.Request, structured: bool) -> int:
+        """Read the reply to ``req`` (a read, the only request in flight) if
+        the socket holds it whole: TOOK (``req.buf`` filled, no error),
+        NOTHING (no byte yet), else OTHER: every byte read is buffered in
+        order (an error, a short or unexpected reply) for the reader's parse.
+        Synchronous: nothing is ever half taken when a caller is cancelled."""
+        assert req.buf is not None and not self._buf
+        size = _DATA_HEAD.size if structured else _SIMPLE_HEAD.size
+        head = self._head
+        try:
+            n = os.readv(self._fd(), [memoryview(head)[:size], req.buf])
+        except BlockingIOError:
+            return NOTHING
+        except OSError as e:
+            self._failed = lost(e)
+            return OTHER
+        except p.NBDConnectionLost:
+            return OTHER
+        self.received += n
+        if n == size + req.length:
+            if structured:
+                magic, flags, rtype, got, length, off = _DATA_HEAD.unpack_from(head)
+                if magic == p.STRUCTURED_REPLY_MAGIC and flags & p.REPLY_FLAG_DONE \
+                        and rtype == p.REPLY_TYPE_OFFSET_DATA and got == cookie \
+                        and length == req.length + 8 and off == req.offset:
+                    return TOOK
+            else:
+                magic, error, got = _SIMPLE_HEAD.unpack_from(head)
+                if magic == p.SIMPLE_REPLY_MAGIC and not error and got == cookie:
+                    return TOOK
+        self._buf += head[:min(n, size)]
+        if n > size:
+            self._buf += memoryview(req.buf)[:n - size]
+        return OTHER
