@@ -233,13 +233,20 @@ def _open(path: str | os.PathLike[str], fmt: Format) -> tuple[int, int]:
         if not (st.st_mode & 0o170000 == 0o100000):
             raise fmt.fail(f"cannot read {fmt.what} {os.fspath(path)}: not a regular file")
         os.set_blocking(fd, True)
-        # the whole file is read, in order: the kernel starts reading it from
-        # the disk while the loader allocates (cold files)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        _advise_whole(fd)
     except BaseException:
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def _advise_whole(fd: int) -> None:
+    """The whole file is read, in order: the kernel starts reading it from
+    the disk while the loader allocates (a cold file).  Advice only."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):
+        pass
 
 
 Alloc = Callable[[dict, int], Sequence[Buffer | Sink]]
