@@ -87,6 +87,32 @@ def test_a_buffer_takes_an_o_direct_read(big_file) -> None:
         os.close(fd)
 
 
+def test_a_read_the_kernel_refuses_at_submit_completes_with_its_errno(big_file) -> None:
+    """io_submit runs in the module's own thread: a refusal (here a
+    descriptor that is not open) comes back from reap like any completion,
+    and the reads queued behind it still run."""
+    path, data = big_file
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    aio = AIO(8)
+    bad = os.open(path, os.O_RDONLY)
+    os.close(bad)  # a closed descriptor (after AIO's eventfd is open): EBADF at submit
+    try:
+        bufs = [Buffer(MIB) for _ in range(3)]
+        aio.submit(fd, bufs[0], 0, "first")
+        aio.submit(bad, bufs[1], 0, "closed")
+        aio.submit(fd, bufs[2], 2 * MIB, "third")
+        assert aio.inflight == 3
+        done: list = []
+        while len(done) < 3:
+            done += aio.reap()
+        assert sorted(done) == [("closed", -9), ("first", MIB), ("third", MIB)]
+        assert aio.inflight == 0
+        assert bytes(memoryview(bufs[2])) == data[2 * MIB:3 * MIB]
+    finally:
+        aio.close()
+        os.close(fd)
+
+
 def _pages(n: int, seed: int) -> tuple[bytes, array]:
     data = random.Random(seed).randbytes(n * PS)
     sums = array("Q", (xxhash.xxh3_64_intdigest(data[i * PS:(i + 1) * PS]) for i in range(n)))
