@@ -198,7 +198,7 @@ class NBDDisk(Disk):
         """Send once and wait for the reply (error replies included); _Lost if
         the connection died first, or dropped if it is wedged: silent since
         the send when ``scope`` (the request's deadline) expires."""
-        conn = await self._pool.get()
+        conn = self._pool.pick() or await self._pool.get()
         req = p.Request(cmd, offset, length, bytearray(length) if cmd == p.CMD_READ else None)
         cookie = next(self._cookies)
         sent_at = conn.received
@@ -247,6 +247,11 @@ class NBDDisk(Disk):
         if length == 0:
             return b""
         mb = self.min_block
+        if not offset % mb and not length % mb and length <= self.max_request:
+            buf = await self._request(p.CMD_READ, offset, length, deadline=deadline)
+            assert buf is not None
+            self._stats["nbd_bytes_read"] += length
+            return bytes(buf)
         start, end = offset - offset % mb, _round_up(offset + length, mb)
         if end > self.size:
             raise DiskError(f"{self.uri}: {length} bytes at {offset} cannot be read "

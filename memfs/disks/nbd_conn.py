@@ -62,28 +62,24 @@ class Conn:
         self.dirty = 0
         #: the cookie of a caller reading its own reply (0: the reader task reads)
         self.owner = 0
-        #: the reader task's wait while nothing is in flight (cancelled when a
-        #: caller takes the socket), and where it waits until the caller is done
-        self._idle: trio.CancelScope | None = None
+        #: a socket's reader task waits aside (for a hang-up) while nothing
+        #: is its to read; cancelled when something is; ``_hup``: it came
+        self._aside: trio.CancelScope | None = None
+        self._hup = False
         self._handback = trio.lowlevel.ParkingLot()
 
     async def run_reader(self) -> None:
         """Match replies to requests until the connection dies, then fail the rest.
 
-        While a caller reads its own reply (``owner``) the reader waits aside."""
+        On a socket, while nothing is in flight or a caller reads its own
+        reply (``owner``), the reader waits aside until the server hangs up
+        or it is given something to read."""
         reason = "closed"
         try:
             while self.alive:
-                if self.owner:
-                    await self._handback.park()
+                if self._aside_now():
+                    await self._wait_aside()
                     continue
-                if not self.pending:  # nothing can come: wait before reading
-                    with trio.CancelScope() as idle:
-                        self._idle = idle
-                        await self.reader.idle()
-                    self._idle = None
-                    if idle.cancelled_caught or self.owner:  # a caller took the socket
-                        continue
                 cookie, done = await p.receive_reply(self.reader, self.info.structured,
                                                      self.pending)
                 if done:
@@ -101,6 +97,35 @@ class Conn:
             log.exception("%s: connection %d reader failed", self.uri, self.ident)
         finally:
             await self.kill(reason)
+            if isinstance(self.reader, SocketReader):
+                self.reader.close()
+
+    def _aside_now(self) -> bool:
+        """Whether the reader task has nothing to read now: a caller reads
+        the socket, or (on a socket) nothing is in flight and it is up."""
+        if self.owner:
+            return True
+        return not self.pending and not self._hup and isinstance(self.reader, SocketReader)
+
+    async def _wait_aside(self) -> None:
+        """Until a hang-up (noted in ``_hup``) or a kick (``_aside`` cancelled)."""
+        if self._hup:  # the watch would fire at once: wait for the owner instead
+            await self._handback.park()
+            return
+        with trio.CancelScope() as scope:
+            self._aside = scope
+            try:
+                await self.reader.hangup()  # type: ignore[attr-defined]
+            finally:
+                self._aside = None
+        if not scope.cancelled_caught:
+            self._hup = True
+
+    def _kick(self) -> None:
+        """Give the reader task something to read: out of its wait aside."""
+        self._handback.unpark_all()
+        if self._aside is not None:
+            self._aside.cancel()
 
     async def kill(self, reason: str) -> None:
         """Hard disconnect: every request still waiting learns it was lost."""
@@ -109,7 +134,7 @@ class Conn:
             self.death = reason
             self._on_death(self, reason)
         self.out_lot.unpark_all()
-        self._handback.unpark_all()
+        self._kick()
         waiters, self.waiters = self.waiters, {}
         for task in waiters.values():
             if task is not None:
@@ -155,7 +180,8 @@ class Conn:
         """
         if not self.alive:
             raise Lost(self.death or "connection is closed")
-        alone = not self.pending
+        own = not self.pending and req.buf is not None and 0 < req.length <= OWN_MAX \
+            and self._aside_now() and not self.reader._buf
         self.pending[cookie] = req
         self.waiters[cookie] = None
         head = p.encode_request(req.cmd, cookie, req.offset, req.length)
@@ -165,23 +191,17 @@ class Conn:
             except OSError:  # full, or broken: the writer finds out which
                 sent = 0
             if sent == len(head):
-                if alone and req.buf is not None and 0 < req.length <= OWN_MAX:
-                    self._take_socket(cookie)
+                if own:
+                    self.owner = cookie  # the reader task stays aside
+                else:
+                    self._kick()
                 return
             head = head[sent:]
         self.outq.append(head)
         if payload is not None:
             self.outq.append(payload)
         self.out_lot.unpark_all()
-
-    def _take_socket(self, cookie: int) -> None:
-        """Make ``cookie``'s caller the socket's reader if the reader task is
-        idle with nothing buffered (its idle wait is cancelled, it waits aside)."""
-        if self.owner or not isinstance(self.reader, SocketReader) or self.reader._buf:
-            return
-        self.owner = cookie
-        if self._idle is not None:
-            self._idle.cancel()
+        self._kick()
 
     async def _read_own(self, cookie: int) -> bool:
         """The owner's wait: its reply read off the socket in this task (no
@@ -204,7 +224,8 @@ class Conn:
                     return False
         finally:
             self.owner = 0
-            self._handback.unpark_all()
+            if self.pending or self._hup:
+                self._kick()
 
     async def wait(self, cookie: int) -> None:
         """Until ``cookie``'s reply is in or the connection died (``lost``

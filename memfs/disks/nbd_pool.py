@@ -145,13 +145,21 @@ class Pool:
                       "dropped (%s); they may be lost", self.uri, conn.dirty, conn.ident, reason)
             conn.dirty = 0
 
+    def pick(self) -> Conn | None:
+        """The least busy live connection, if there is one (no waiting)."""
+        best = None
+        for c in self.conns:
+            if c.alive and (best is None or len(c.pending) < len(best.pending)):
+                best = c
+        return best
+
     async def get(self) -> Conn:
         """The least busy live connection; reconnects (with back-off) if none is left."""
         delay = 0.05
         while True:
-            live = [c for c in self.conns if c.alive]
-            if live:
-                return min(live, key=lambda c: len(c.pending))
+            conn = self.pick()
+            if conn is not None:
+                return conn
             if self.closing:
                 raise DiskError(f"{self.uri}: disk is closed")
             async with self._reconnect_lock:

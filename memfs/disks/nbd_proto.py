@@ -161,10 +161,6 @@ class Reader:
         self.received += len(chunk)
         self._buf += chunk
 
-    async def idle(self) -> None:
-        """Nothing is expected; a socket reader waits for bytes here (rather
-        than try a read that fails), a stream's reader has nothing to do."""
-
     async def exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
             await self._fill(n - len(self._buf))

@@ -12,13 +12,17 @@ in tests) keep the plain :class:`nbd_proto.Reader`.
 
 A caller alone on the connection reads its own reply (:meth:`SocketReader.take_reply`):
 one ``readv`` into the reply's header and the request's buffer, checked in one step;
-anything else it read stays buffered, in order, for the general parse.
+anything else it read stays buffered, in order, for the general parse.  Meanwhile
+the reader task waits aside for a hang-up only (:meth:`SocketReader.hangup`, an
+epoll of its own that reports nothing else), so the socket's readiness wakes the
+caller alone and neither task has to move the other out of the way.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import struct
 
 import trio
@@ -69,6 +73,7 @@ class SocketReader(p.Reader):
         #: a failure met by take_reply, raised by the reader's next read
         self._failed: p.NBDConnectionLost | None = None
         self._head = bytearray(_DATA_HEAD.size)
+        self._watch: select.epoll | None = None
 
     def _fd(self) -> int:
         if self._failed is not None:
@@ -86,9 +91,25 @@ class SocketReader(p.Reader):
             raise p.NBDConnectionLost("connection lost: this socket was already closed") \
                 from None
 
-    async def idle(self) -> None:
-        if not self._buf:
-            await self._wait()
+    async def hangup(self) -> None:
+        """Until the server hangs up or the socket fails (not when bytes
+        come: those are whoever reads the socket's).  Bytes a server sends
+        unasked are read, and refused, with the next request."""
+        if self._watch is None:
+            self._watch = select.epoll()
+            self._watch.register(self._fd(), select.EPOLLRDHUP)  # ERR, HUP: always
+        try:
+            await trio.lowlevel.wait_readable(self._watch.fileno())
+        except trio.ClosedResourceError:
+            raise p.NBDConnectionLost("connection lost: this socket was already closed") \
+                from None
+
+    def close(self) -> None:
+        """Close the hang-up watch (the socket is the stream's to close)."""
+        if self._watch is not None:
+            trio.lowlevel.notify_closing(self._watch.fileno())
+            self._watch.close()
+            self._watch = None
 
     async def _got(self, n: int) -> None:
         if not n:
