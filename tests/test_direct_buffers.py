@@ -15,6 +15,7 @@ import random
 from array import array
 
 import pytest
+import trio
 import xxhash
 
 from memfs import _fast
@@ -198,6 +199,25 @@ async def test_one_mib_reads_in_order_are_read_ahead_after_a_streak(big_file) ->
     assert s["direct_readahead_bytes"] > 0
     assert s["direct_readahead_hits"] >= 32 - 4 - 1 - 2, s  # all but the streak's first
     assert s["direct_buffers_reused"] > 0, s
+    await d.aclose()
+
+
+async def test_idle_read_buffers_are_given_back_after_a_second(big_file, autojump_clock) -> None:
+    """The pool is for bursts of reads: a second with no read empties it
+    (the daemon's memory after the guest's first touches)."""
+    path, data = big_file
+    pool(0)  # what earlier tests left
+    pool(direct.POOL_BYTES)
+    d = await FileDisk.open(parse_uri(path))
+    got = await d.read(MIB, 2 * MIB)  # a large read: its own Buffer, answered as a view
+    assert isinstance(got, memoryview) and bytes(got) == data[MIB:3 * MIB]
+    del got
+    gc.collect()
+    assert pool()[:2] == (1, 2 * MIB)
+    await trio.sleep(0.5)
+    assert pool()[0] == 1  # not idle for a second yet
+    await trio.sleep(3)
+    assert pool()[:2] == (0, 0)
     await d.aclose()
 
 

@@ -53,7 +53,7 @@ RA_TRIGGER, RA_LARGE, RA_STREAK = 256 << 10, 1 << 20, 4 << 20
 #: idle read buffers the pool keeps (``_fast.pool``): READs whose buffers
 #: wait for their store writes come in bursts; a second with no read takes
 #: gives them all back (``_give_back_idle``)
-POOL_BYTES = 64 << 20
+POOL_BYTES = 32 << 20
 pool(POOL_BYTES)
 _giving_back = trio.lowlevel.RunVar("memfs_direct_give_back", default=False)
 
