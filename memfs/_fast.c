@@ -4,11 +4,11 @@
  * hand-off (hundreds of µs on a loaded two-core host, tools/bench-fault)
  * for a disk read of ~50 µs.  Linux native AIO on an O_DIRECT descriptor
  * reads asynchronously in the kernel; completions are signalled on an
- * eventfd that the trio loop polls like any other fd.  io_submit itself runs
- * in a thread of this module (no Python in it): on ext4, an O_DIRECT read
- * over a volume whose zero pages are holes builds a bio per extent inside
- * io_submit, 1.8-3 ms for a 4 MiB read (measured), which the trio loop must
- * not wait for.
+ * eventfd that the trio loop polls like any other fd.  io_submit of a large
+ * read runs in a thread of this module (no Python in it): on ext4, an
+ * O_DIRECT read over a volume whose zero pages are holes builds a bio per
+ * extent inside io_submit, 1.8-3 ms for a 4 MiB read (measured), which the
+ * trio loop must not wait for; small reads are submitted inline.
  *
  *   ctx = AIO(depth)          io_setup + a non-blocking eventfd (ctx.fd)
  *   ctx.submit(fd, buf, offset, key)
@@ -74,6 +74,11 @@ typedef struct {
     long *failed_res;
     int nfailed;
 } AIOObject;
+
+/* Reads up to this many bytes are submitted on the caller's thread: a
+ * small read's submit is short, and the hop to the submitter thread cost a
+ * 4 KiB fault more than it saved (figure 1 of tools/bench, measured). */
+#define AIO_INLINE (128 << 10)
 
 /* Submits the queued reads, in order, a batch per io_submit; a read the
  * kernel refuses completes at once with -errno (the eventfd says so). */
@@ -270,14 +275,29 @@ aio_submit(AIOObject *self, PyObject *args)
     cb->aio_offset = offset;
     cb->aio_flags = IOCB_FLAG_RESFD;
     cb->aio_resfd = self->efd;
-    /* queued for the submitter thread; the GIL is not let go (a worker
-     * thread that took it meanwhile could keep the loop waiting for up to
-     * the switch interval, 5 ms) */
-    pthread_mutex_lock(&self->mu);
-    self->queue[(self->qhead + self->qlen) % self->depth] = i;
-    self->qlen++;
-    pthread_cond_signal(&self->cv);
-    pthread_mutex_unlock(&self->mu);
+    /* The GIL is not let go here (a worker thread that took it meanwhile
+     * could keep the loop waiting for up to the switch interval, 5 ms). */
+    if (s->view.len <= AIO_INLINE) { /* small: submitted here, no thread hop */
+        struct iocb *cbs[1] = {cb};
+        long r;
+        do
+            r = syscall(SYS_io_submit, self->ctx, 1L, cbs);
+        while (r < 0 && errno == EINTR);
+        if (r != 1) { /* completes at once with -errno, as in the thread */
+            uint64_t one = 1;
+            pthread_mutex_lock(&self->mu);
+            self->failed[self->nfailed] = i;
+            self->failed_res[self->nfailed++] = r < 0 ? -errno : -EIO;
+            pthread_mutex_unlock(&self->mu);
+            if (write(self->efd, &one, sizeof one) < 0) { /* the next reap finds it */ }
+        }
+    } else { /* queued for the submitter thread */
+        pthread_mutex_lock(&self->mu);
+        self->queue[(self->qhead + self->qlen) % self->depth] = i;
+        self->qlen++;
+        pthread_cond_signal(&self->cv);
+        pthread_mutex_unlock(&self->mu);
+    }
     Py_INCREF(key);
     s->key = key;
     s->used = 1;
