@@ -67,6 +67,8 @@ class Conn:
         self._aside: trio.CancelScope | None = None
         self._hup = False
         self._handback = trio.lowlevel.ParkingLot()
+        #: replies taken by their own caller (the others went through the reader)
+        self.own_replies = 0
 
     async def run_reader(self) -> None:
         """Match replies to requests until the connection dies, then fail the rest.
@@ -219,6 +221,7 @@ class Conn:
                 if got == TOOK:
                     del self.pending[cookie]
                     del self.waiters[cookie]
+                    self.own_replies += 1
                     return True
                 if got != NOTHING:
                     return False

@@ -189,6 +189,7 @@ class SocketReader(p.Reader):
                 if magic == p.SIMPLE_REPLY_MAGIC and not error and got == cookie:
                     return TOOK
         self._buf += head[:min(n, size)]
-        if n > size:
+        if n > size:  # moved to the buffer: req.buf is as the reader would find it
             self._buf += memoryview(req.buf)[:n - size]
+            req.buf[:n - size] = bytes(n - size)
         return OTHER
