@@ -445,7 +445,7 @@ out:
  * write, the read-ahead window), and the next Buffer of the same size
  * takes it. */
 
-#define BUF_CLASS ((Py_ssize_t)1 << 20) /* sizes are whole MiB */
+#define BUF_CLASS ((Py_ssize_t)1 << 20) /* sizes are whole MiB (2 MiB from 512 KiB) */
 #define BUF_HUGE ((Py_ssize_t)2 << 20)
 #define BUF_POOL_MAX 64
 static struct {
@@ -511,7 +511,10 @@ buffer_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     BufferObject *self = (BufferObject *)type->tp_alloc(type, 0);
     if (!self)
         return NULL;
-    self->cap = (len + BUF_CLASS - 1) / BUF_CLASS * BUF_CLASS;
+    /* a 1 MiB read gets a whole huge page: faulted in, 2 MiB in one huge
+     * page took ~295 µs, 1 MiB in small pages ~660 µs (measured) */
+    Py_ssize_t class = len > BUF_HUGE / 4 ? BUF_HUGE : BUF_CLASS;
+    self->cap = (len + class - 1) / class * class;
     self->ptr = buf_take(self->cap);
     if (!self->ptr) {
         Py_DECREF(self);
