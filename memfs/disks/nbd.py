@@ -3,7 +3,9 @@
 The wire format is in :mod:`nbd_proto`, one connection in :mod:`nbd_conn`,
 opening and reopening them in :mod:`nbd_pool`; this module adds the policy a
 live migration needs.  Each connection has a background reader task that matches
-replies to requests by cookie, so any number of requests may be in flight.
+replies to requests by cookie, so any number of requests may be in flight; a
+small read alone on its connection reads its own reply (no hand-over: see
+:mod:`nbd_conn`).
 A request is driven by the task that asked for it: when its connection dies
 it is sent again on a new one (reads always; writes too, because writes to
 overlapping ranges are serialised here, so a resent write can never land
