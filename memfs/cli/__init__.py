@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 from typing import NoReturn, Sequence
 
 from .. import __version__
 from ..logs import setup_logging
-from ..report import error_line, is_expected, unwrap
 from . import capture, index, load, migrate, mount, restore, save, snapshot, stats, umount
 from .common import UsageError
 
@@ -59,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as group:
+        import traceback   # the error paths' imports: not on every command's start
+        from ..report import error_line, is_expected, unwrap
         e = unwrap(group)
         if isinstance(e, KeyboardInterrupt):
             return 130
