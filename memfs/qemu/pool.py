@@ -40,6 +40,9 @@ __all__ = ["Pool", "PoolError", "start_daemonized"]
 
 log = logging.getLogger("memfs.pool")
 
+#: seconds a resumed clone gets before the pool starts its replacement
+REFILL_DELAY = 0.5
+
 #: the largest request line a pool reads
 _MAX_REQUEST = 64 * 1024
 
@@ -186,6 +189,14 @@ class Pool:
             self.waiting.append(w)
             log.info("pool: %s waits (%d of %d)", w.info["name"], len(self.waiting), self.size)
 
+    async def _refill_later(self, n: int) -> None:
+        """Refill once the clones just resumed are past their first steps: a
+        QEMU starting takes 0.1-0.2 s of CPU, which on a small host would
+        come out of their first tick (REFILL_DELAY s a clone, the NIC
+        replug's delay at least)."""
+        await trio.sleep(max(self.mac_delay, REFILL_DELAY * n))
+        await self.fill()
+
     async def take(self, n: int) -> list[dict[str, Any]]:
         """Resume ``n`` clones at once (started now if fewer wait); the pool
         refills in the background."""
@@ -204,7 +215,7 @@ class Pool:
             w.go.set()
         for w in took:
             await w.done.wait()
-        self._nursery.start_soon(self.fill)
+        self._nursery.start_soon(self._refill_later, n)
         failed = [w for w in took if w.error is not None]
         if failed:
             raise SnapshotError(f"{failed[0].info['name']}: {failed[0].error}")
