@@ -272,6 +272,22 @@ aio_submit(AIOObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A finished read: (key, result) appended to out, its slot freed; -1 with
+ * an exception set if the list could not take it. */
+static int
+reaped(AIOObject *self, PyObject *out, int i, long long res)
+{
+    PyObject *item = Py_BuildValue("(OL)", self->slots[i].key, res);
+    release_slot(self, i);
+    self->inflight--;
+    if (!item || PyList_Append(out, item) < 0) {
+        Py_XDECREF(item);
+        return -1;
+    }
+    Py_DECREF(item);
+    return 0;
+}
+
 static PyObject *
 aio_reap(AIOObject *self, PyObject *args)
 {
@@ -297,15 +313,10 @@ aio_reap(AIOObject *self, PyObject *args)
         pthread_mutex_unlock(&self->mu);
     }
     for (int j = 0; j < nfailed; j++) {
-        PyObject *item = Py_BuildValue("(Ol)", self->slots[failed[j]].key, failed_res[j]);
-        release_slot(self, failed[j]);
-        self->inflight--;
-        if (!item || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
+        if (reaped(self, out, failed[j], failed_res[j]) < 0) {
             Py_DECREF(out);
             return NULL;
         }
-        Py_DECREF(item);
     }
     struct io_event ev[64];
     struct timespec zero = {0, 0};
@@ -320,17 +331,10 @@ aio_reap(AIOObject *self, PyObject *args)
         if (got == 0)
             break;
         for (long j = 0; j < got; j++) {
-            int i = (int)ev[j].data;
-            Slot *s = &self->slots[i];
-            PyObject *item = Py_BuildValue("(OL)", s->key, (long long)ev[j].res);
-            release_slot(self, i);
-            self->inflight--;
-            if (!item || PyList_Append(out, item) < 0) {
-                Py_XDECREF(item);
+            if (reaped(self, out, (int)ev[j].data, (long long)ev[j].res) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            Py_DECREF(item);
         }
     }
     return out;
