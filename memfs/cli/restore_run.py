@@ -31,7 +31,8 @@ from ..snapshot import SnapshotError
 from ..qemu.nic import Nic, replace_nics
 from ..qemu.props import join_props, parse_props
 from ..qemu.qmp import QMP, QMPError, unwrap_single
-from ..qemu.restore import Identity, Snapshot, clone_argv, ensure_mount, open_snapshot, resume_clone
+from ..qemu.restore import (Identity, Snapshot, clone_argv, ensure_mount, launch_clone,
+                            open_snapshot, resume_clone, started)
 
 __all__ = ["run"]
 
@@ -127,9 +128,6 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
         except BaseException:
             undo(run_dir, clones, mnt if mounted else None)
             raise
-        for c in clones:
-            with open(os.path.join(run_dir, c["name"] + ".pid")) as f:
-                c["pid"] = int(f.read())
         _report(mnt, t, clones)
         return 0
     except trio.TooSlowError:
@@ -170,24 +168,18 @@ def _start_clones(snap: Snapshot, mnt: str, run_dir: str, names: Sequence[str],
     procs, nics = [], {}
     for name in names:
         ident = Identity(keep_mac=keep_mac)
-        path = os.path.join(run_dir, name)
-        argv = clone_argv(snap, mnt, name, path + ".qmp", ident, serial=path + ".serial",
-                          console_log=path + ".console")
-        argv += ["-daemonize", "-pidfile", path + ".pid"]
-        procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True))
+        proc, info = launch_clone(snap, mnt, run_dir, name, ident)
+        procs.append(proc)
         nics[name] = ident.nics
-        clones.append({"name": name, "qmp": path + ".qmp", "serial": path + ".serial",
-                       "console": path + ".console", "vmgenid": ident.guid,
-                       "macs": ident.macs})
+        clones.append(info)
     failed = []
-    for name, p in zip(names, procs):
-        err = p.communicate()[1]
-        if p.returncode:
-            failed.append(f"QEMU for {name} did not start: " + " ".join(err.split())[:300])
+    for proc, info in zip(procs, clones):
+        try:
+            started(proc, info)
+        except SnapshotError as e:
+            failed.append(e)
     if failed:
-        raise SnapshotError(failed[0])
+        raise failed[0]
     t["qemu_started"] = time.monotonic()
     trio.run(_drive, clones, snap.devices, nics, mac_delay)
     t["resumed"] = max(c["t_cont"] for c in clones)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +33,9 @@ import trio
 from ..snapshot import SnapshotError
 from .nic import replace_nics
 from .qmp import QMP, QMPClosed, unwrap_single
-from .restore import Identity, Snapshot, clone_argv, load_clone, prepare_clone
+from .restore import Identity, Snapshot, launch_clone, load_clone, prepare_clone, started
 
-__all__ = ["Pool", "PoolError", "start_daemonized"]
+__all__ = ["Pool", "PoolError"]
 
 log = logging.getLogger("memfs.pool")
 
@@ -49,27 +48,6 @@ _MAX_REQUEST = 64 * 1024
 
 class PoolError(Exception):
     """A request the pool cannot serve."""
-
-
-def start_daemonized(snap: Snapshot, mnt: str, run_dir: str, name: str,
-                     ident: Identity) -> dict[str, Any]:
-    """Start one clone as a daemonized QEMU waiting with -incoming defer, its
-    serial console on a socket and logged, its pid in a file; blocking (QEMU
-    returns once it waits)."""
-    path = os.path.join(run_dir, name)
-    argv = clone_argv(snap, mnt, name, path + ".qmp", ident, serial=path + ".serial",
-                      console_log=path + ".console")
-    argv += ["-daemonize", "-pidfile", path + ".pid"]
-    res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    if res.returncode:
-        raise SnapshotError(f"QEMU for {name} did not start: "
-                            + " ".join(res.stderr.split())[:300])
-    with open(path + ".pid") as f:
-        pid = int(f.read())
-    return {"name": name, "qmp": path + ".qmp", "serial": path + ".serial",
-            "console": path + ".console", "pid": pid, "vmgenid": ident.guid,
-            "macs": ident.macs}
 
 
 @dataclass
@@ -122,8 +100,12 @@ class Pool:
         name = f"{self.name}{self._count}"
         self._count += 1
         ident = Identity(keep_mac=self.keep_mac)
-        info = await trio.to_thread.run_sync(start_daemonized, self.snap, self.mnt,
-                                             self.run_dir, name, ident)
+
+        def launch() -> dict[str, Any]:
+            proc, info = launch_clone(self.snap, self.mnt, self.run_dir, name, ident)
+            started(proc, info)
+            return info
+        info = await trio.to_thread.run_sync(launch)
         try:
             return await self._nursery.start(self._clone, _Waiting(info, ident))
         except BaseException:

@@ -34,7 +34,7 @@ import time
 import uuid
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import trio
 
@@ -54,7 +54,7 @@ from .vm import VM
 
 __all__ = ["Snapshot", "Identity", "CloneConfig", "clone_argv", "open_snapshot",
            "resume_clone", "prepare_clone", "load_clone", "restore_clones", "ensure_mount",
-           "TRACE"]
+           "launch_clone", "started", "TRACE"]
 
 TRACE = PAGEMAP + ".trace"
 _DROP_WITH_VALUE = {"-incoming", "-qmp", "-name", "-pidfile"}
@@ -161,6 +161,32 @@ def clone_argv(snap: Snapshot, mount: str, name: str, qmp_path: str, ident: Iden
         i += 1
     return out + tail + ["-name", name, "-qmp", f"unix:{qmp_path},server=on,wait=off",
                          "-S", "-incoming", "defer"]
+
+
+def launch_clone(snap: Snapshot, mnt: str, run_dir: str, name: str,
+                 ident: Identity) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Start one clone as a daemonized QEMU waiting with -incoming defer, its
+    serial console on a socket and logged, its pid in a file: the process
+    (it exits once QEMU waits: started()) and what a report says of the clone."""
+    path = os.path.join(run_dir, name)
+    argv = clone_argv(snap, mnt, name, path + ".qmp", ident, serial=path + ".serial",
+                      console_log=path + ".console")
+    argv += ["-daemonize", "-pidfile", path + ".pid"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, {"name": name, "qmp": path + ".qmp", "serial": path + ".serial",
+                  "console": path + ".console", "vmgenid": ident.guid, "macs": ident.macs}
+
+
+def started(proc: subprocess.Popen[str], info: dict[str, Any]) -> None:
+    """Until a launched clone waits, its pid then in ``info``; SnapshotError
+    with QEMU's own words if it did not start."""
+    err = proc.communicate()[1]
+    if proc.returncode:
+        raise SnapshotError(f"QEMU for {info['name']} did not start: "
+                            + " ".join(err.split())[:300])
+    with open(info["qmp"].removesuffix(".qmp") + ".pid") as f:
+        info["pid"] = int(f.read())
 
 
 @dataclass
