@@ -1,9 +1,11 @@
 """bench-restore's clones: QEMU's own restore's command line, the console
-logs of the restore command's clones read as they grow, and when a clone's
-ticks say it runs at full speed."""
+logs of the restore command's clones read as they grow, when a clone's
+ticks say it runs at full speed, and a restore command run and timed
+against them."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import trio
 
+from memfs import control
 from memfs.qemu.restore import CloneConfig
 
 
@@ -79,3 +82,46 @@ def timings(vm: Any, t0: float, t_cont: float, tick_s: float) -> dict[str, float
                  if all(g <= ok for g in gaps[i:i + 10])), ticks[-1])
     return {"first_tick_s": round(ticks[0] - t0, 3), "full_speed_s": round(full - t0, 3),
             "median_gap_ms": round(statistics.median(tail) * 1000, 1)}
+
+
+async def until_complete(mnt: Path) -> None:
+    """Until the mount's background completion is done (a restore host's
+    steady state: the whole snapshot in the page cache)."""
+    with trio.fail_after(600):
+        while control.read_stats(mnt).get("pages_remote", 1):
+            await trio.sleep(0.1)
+
+
+async def run_timed(what: str, cmd: list[str], tails: list[Tail], seconds: float,
+                    tick_s: float) -> tuple[float, float, dict[str, Any], list[dict[str, float]]]:
+    """Run a restore command (JSON on stdout) while its clones' consoles are
+    read, then let them run ``seconds``: when it started and ended, its
+    report, and each clone's timings."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tail_all, tails)
+        t0 = time.monotonic()
+        res = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True,
+                                     check=False)
+        t_end = time.monotonic()
+        if res.returncode:
+            raise RuntimeError(f"{what}: {res.stderr.decode()}")
+        rep = json.loads(res.stdout)
+        await trio.sleep(seconds)
+        nursery.cancel_scope.cancel()
+    per = [timings(tl, t0, c["t_cont"], tick_s) for tl, c in zip(tails, rep["clones"])]
+    return t0, t_end, rep, per
+
+
+def command_times(rep: dict[str, Any], t0: float, per: list[dict[str, float]],
+                  marks: list[tuple[str, float]]) -> dict[str, Any]:
+    """The command's clock ``marks`` (step name, host time it ended) as
+    seconds each from ``t0``, then the first tick; first tick, full speed
+    and the load of the slowest clone."""
+    first = max(p["first_tick_s"] for p in per)
+    steps, prev = {}, t0
+    for name, at in [*marks, ("first tick", t0 + first)]:
+        steps[name] = round(at - prev, 3)
+        prev = at
+    return {"resumed_s": round(rep["t"]["resumed"] - t0, 3), "first_tick_s": first,
+            "full_speed_s": max(p["full_speed_s"] for p in per), "steps": steps,
+            "load_s": max(c["load_s"] for c in rep["clones"])}

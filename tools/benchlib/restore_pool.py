@@ -22,11 +22,11 @@ from typing import Any
 
 import trio
 
-from memfs import control, hostmem
+from memfs import hostmem
 
 from benchlib.host import drop_caches
 from benchlib.mounts import MEMFS, umount
-from benchlib.restore_guests import Tail, tail_all, timings
+from benchlib.restore_guests import Tail, command_times, run_timed, until_complete
 
 
 async def run_memfs_pool(kind: str, n: int, snap_dir: Path, work: Path,
@@ -49,26 +49,17 @@ async def run_memfs_pool(kind: str, n: int, snap_dir: Path, work: Path,
         if "ready" not in ready:
             raise RuntimeError(f"memfs restore --serve did not start: {ready}")
         out["pool_ready_s"] = ready["seconds"]
-        with trio.fail_after(600):
-            while control.read_stats(mnt).get("pages_remote", 1):
-                await trio.sleep(0.1)
+        await until_complete(mnt)
         if kind.endswith("-cold"):
             drop_caches()
         cmd = [*MEMFS, "restore", str(snap_dir), "--pool", str(sock), "--clones", str(n)]
         tails = [Tail(rdir / f"p{i}.console") for i in range(n)]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(tail_all, tails)
-            t0 = time.monotonic()
-            res = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True,
-                                         check=False)
-            if res.returncode:
-                raise RuntimeError(f"memfs restore --pool: {res.stderr.decode()}")
-            rep = json.loads(res.stdout)
-            await trio.sleep(a.seconds)
-            nursery.cancel_scope.cancel()
+        t0, _, rep, per = await run_timed("memfs restore --pool", cmd, tails, a.seconds,
+                                          a.tick / 1000)
         clones = rep["clones"]
-        per = [timings(tl, t0, c["t_cont"], a.tick / 1000) for tl, c in zip(tails, clones)]
-        out.update(pool_times(rep, t0, per))
+        t = rep["t"]
+        out.update(command_times(rep, t0, per, [("interpreter+request", t["request"]),
+                                                ("load state+cont", t["resumed"])]))
         out["per_clone"] = per
         hm = await trio.to_thread.run_sync(hostmem.measure, str(mnt), "ram0",
                                            [str(p) for p in store.rglob("*") if p.is_file()])
@@ -81,18 +72,3 @@ async def run_memfs_pool(kind: str, n: int, snap_dir: Path, work: Path,
         await trio.sleep(0.5)
         umount(mnt)
     return out
-
-
-def pool_times(rep: dict[str, Any], t0: float, per: list[dict[str, float]]) -> dict[str, Any]:
-    """The command's marks as seconds from its start, and the steps between."""
-    t = rep["t"]
-    first = max(p["first_tick_s"] for p in per)
-    marks = [("interpreter+request", t["request"]), ("load state+cont", t["resumed"]),
-             ("first tick", t0 + first)]
-    steps, prev = {}, t0
-    for name, at in marks:
-        steps[name] = round(at - prev, 3)
-        prev = at
-    return {"resumed_s": round(t["resumed"] - t0, 3), "first_tick_s": first,
-            "full_speed_s": max(p["full_speed_s"] for p in per), "steps": steps,
-            "load_s": max(c["load_s"] for c in rep["clones"])}

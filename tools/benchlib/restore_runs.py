@@ -5,7 +5,6 @@ clone's first tick and to full speed, with the host memory they cost."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import time
@@ -23,7 +22,8 @@ from memfs.qemu.restore import CloneConfig, ensure_mount, open_snapshot
 
 from benchlib.host import anon_in_mapping, drop_caches
 from benchlib.mounts import MEMFS, umount
-from benchlib.restore_guests import FullConfig, Tail, tail_all, timings
+from benchlib.restore_guests import (FullConfig, Tail, command_times, run_timed, timings,
+                                     until_complete)
 from benchlib.restore_pool import run_memfs_pool
 
 
@@ -113,9 +113,7 @@ async def run_memfs(kind: str, n: int, snap_dir: Path, work: Path, a: argparse.N
         # page cache before the restore command
         await trio.to_thread.run_sync(lambda: ensure_mount(
             snap, str(mnt), trace=trace, extra=["--store", str(store)]))
-        with trio.fail_after(600):
-            while control.read_stats(mnt).get("pages_remote", 1):
-                await trio.sleep(0.1)
+        await until_complete(mnt)
     cmd = [*MEMFS, "restore", str(snap_dir), "--mount", str(mnt),
            "--clones", str(n), "--run-dir", str(rdir), "--name", "m", "--store", str(store)]
     if not trace:
@@ -125,19 +123,9 @@ async def run_memfs(kind: str, n: int, snap_dir: Path, work: Path, a: argparse.N
     cmd += shlex.split(a.restore_args or "")
     tails = [Tail(rdir / f"m{i}.console") for i in range(n)]
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(tail_all, tails)
-            t0 = time.monotonic()
-            res = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True,
-                                         check=False)
-            t_end = time.monotonic()
-            if res.returncode:
-                raise RuntimeError(f"memfs restore: {res.stderr.decode()}")
-            rep = json.loads(res.stdout)
-            await trio.sleep(a.seconds)
-            nursery.cancel_scope.cancel()
+        t0, t_end, rep, per = await run_timed("memfs restore", cmd, tails, a.seconds,
+                                              a.tick / 1000)
         clones = rep["clones"]
-        per = [timings(tl, t0, c["t_cont"], a.tick / 1000) for tl, c in zip(tails, clones)]
         out.update(_memfs_times(rep, t0, t_end, per))
         out["per_clone"] = per
         out["host"] = await _host(mnt, store, snap, clones)
@@ -156,21 +144,14 @@ async def run_memfs(kind: str, n: int, snap_dir: Path, work: Path, a: argparse.N
 
 def _memfs_times(rep: dict[str, Any], t0: float, t_end: float,
                  per: list[dict[str, float]]) -> dict[str, Any]:
-    """The command's marks as seconds from its start, and the steps between."""
+    """The command's steps (restore_guests.command_times), its end and the
+    NIC replug."""
     t = rep["t"]
-    first = max(p["first_tick_s"] for p in per)
     marks = [("interpreter+imports", t["start"]), ("check snapshot", t["checked"]),
              ("mount", t.get("mounted", t["checked"])),
-             ("start QEMUs", t["qemu_started"]), ("load state+cont", t["resumed"]),
-             ("first tick", t0 + first)]
-    steps, prev = {}, t0
-    for name, at in marks:
-        steps[name] = round(at - prev, 3)
-        prev = at
+             ("start QEMUs", t["qemu_started"]), ("load state+cont", t["resumed"])]
     macs = [c.get("mac_s") for c in rep["clones"] if c.get("mac_s") is not None]
-    return {"resumed_s": round(t["resumed"] - t0, 3), "command_s": round(t_end - t0, 3),
-            "first_tick_s": first, "full_speed_s": max(p["full_speed_s"] for p in per),
-            "steps": steps, "load_s": max(c["load_s"] for c in rep["clones"]),
+    return {**command_times(rep, t0, per, marks), "command_s": round(t_end - t0, 3),
             "mac_s": max(macs) if macs else None}
 
 
