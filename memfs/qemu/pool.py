@@ -32,7 +32,7 @@ import trio
 
 from ..snapshot import SnapshotError
 from .nic import replace_nics
-from .qmp import QMP, QMPClosed, unwrap_single
+from .qmp import QMP, unwrap_single
 from .restore import Identity, Snapshot, launch_clone, load_clone, prepare_clone, started
 
 __all__ = ["Pool", "PoolError"]
@@ -254,10 +254,8 @@ async def _until_set(go: trio.Event, qmp: QMP) -> None:
     raises QMPClosed at once, so that the pool replaces it before anyone
     asks for it."""
     async def watch() -> None:
-        try:
-            await qmp.wait_event("memfs-never", timeout=None)   # raises when closed
-        except QMPClosed:
-            raise PoolError("QEMU exited while it waited; replaced") from None
+        await qmp.wait_closed()
+        raise PoolError("QEMU exited while it waited; replaced")
     with unwrap_single():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)

@@ -149,6 +149,12 @@ class QMP:
                 self._event_arrived = trio.Event() if self._event_arrived.is_set() else self._event_arrived
                 await self._event_arrived.wait()
 
+    async def wait_closed(self) -> None:
+        """Until the connection ends: QEMU exited or closed it."""
+        while self._closed is None:
+            self._event_arrived = trio.Event() if self._event_arrived.is_set() else self._event_arrived
+            await self._event_arrived.wait()
+
     # -- internals --------------------------------------------------------
 
     async def _read_message(self) -> dict[str, Any]:
