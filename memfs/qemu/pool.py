@@ -33,7 +33,8 @@ import trio
 from ..snapshot import SnapshotError
 from .nic import replace_nics
 from .qmp import QMP, unwrap_single
-from .restore import Identity, Snapshot, launch_clone, load_clone, prepare_clone, started
+from .restore import (Identity, Snapshot, hand_devices, launch_clone, load_clone,
+                      prepare_clone, started)
 
 __all__ = ["Pool", "PoolError"]
 
@@ -144,11 +145,12 @@ class Pool:
         (never a half-restored guest)."""
         async with QMP.connect(w.info["qmp"], timeout=30) as qmp:
             await prepare_clone(qmp, w.ident.nics)
+            await hand_devices(qmp, self.snap.devices)
             ready()
             await _until_set(w.go, qmp)
             try:
                 w.info["load_s"] = round(await load_clone(qmp, self.snap.devices,
-                                                          nics=w.ident.nics), 3)
+                                                          nics=w.ident.nics, handed=True), 3)
             except Exception as e:
                 w.error = e
                 _kill(w.info)

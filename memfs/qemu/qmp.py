@@ -18,7 +18,9 @@ import itertools
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Iterator
+import socket
+from array import array
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -99,10 +101,12 @@ class QMP:
     # -- commands ---------------------------------------------------------
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                      timeout: float | None = 60.0) -> Any:
+                      timeout: float | None = 60.0, fds: Sequence[int] = ()) -> Any:
         """Run ``command`` and return its ``return`` value; raise QMPError with
         QEMU's description if it failed, QMPClosed if the connection ended,
-        trio.TooSlowError after ``timeout`` seconds (None: wait forever)."""
+        trio.TooSlowError after ``timeout`` seconds (None: wait forever).
+        ``fds`` go along with the command (SCM_RIGHTS), as ``getfd`` and
+        ``add-fd`` expect; QEMU keeps its own copies."""
         if self._closed is not None:
             raise QMPClosed(f"{self.path}: connection closed") from self._closed
         cid = f"memfs-{next(self._ids)}"
@@ -113,8 +117,8 @@ class QMP:
         try:
             async with self._send_lock:
                 try:
-                    await self._stream.send_all(json.dumps(msg).encode() + b"\n")
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    await self._send(json.dumps(msg).encode() + b"\n", fds)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     raise QMPClosed(f"{self.path}: cannot send {command}") from e
             with trio.fail_after(math.inf if timeout is None else timeout):
                 await pending.done.wait()
@@ -129,6 +133,15 @@ class QMP:
             err = reply["error"]
             raise QMPError(command, err.get("class", "?"), err.get("desc", "?"))
         return reply.get("return")
+
+    async def _send(self, data: bytes, fds: Sequence[int]) -> None:
+        if not fds:
+            await self._stream.send_all(data)
+            return
+        sent = await self._stream.socket.sendmsg(
+            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds).tobytes())])
+        if sent < len(data):   # the fds went with the first bytes
+            await self._stream.send_all(data[sent:])
 
     # -- events -----------------------------------------------------------
 

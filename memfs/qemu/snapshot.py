@@ -9,7 +9,8 @@ mount --new ... --volume``) or a /dev/shm file.  The steps:
 2. ``stop``; at the same time the final pass (a mount's ``flush``, or a
    capture based on pass 1 that rewrites only changed pages) and the device
    state alone, with ``x-ignore-shared``, to ``DIR/devices`` through
-   ``exec:cat`` (QEMU 7.2 has no ``file:`` migration);
+   ``fd:`` (QEMU 7.2 has no ``file:`` migration; the file is handed over
+   with ``getfd`` before the pause);
 3. ``--resume``: ``cont``; the guest was paused only for step 2;
 4. a memfs mount rewrites its volume in place as its guest goes on, so its
    pages are copied to the snapshot's own volume (after the resume: the
@@ -21,7 +22,6 @@ mount --new ... --volume``) or a /dev/shm file.  The steps:
 from __future__ import annotations
 
 import os
-import shlex
 import socket
 import struct
 import tempfile
@@ -43,6 +43,9 @@ from .qmp import QMP
 
 __all__ = ["SnapshotOptions", "snapshot", "qemu_pid", "find_backends",
            "parse_props", "join_props"]
+
+#: the name QEMU knows the device state's file by (getfd, migrate fd:)
+_DEVICES_OUT = "memfs-devices-out"
 
 
 @dataclass
@@ -218,6 +221,7 @@ class _Snap:
                 self.mark("pass1")
             if self.mount:
                 await _send(self.mount, "sync-pause")   # the volume holds still from here
+            await self._hand_devices_file()
             if running:
                 await qmp.execute("stop")
                 stopped = True
@@ -245,9 +249,20 @@ class _Snap:
         self.rep.volume_bytes += int(res.get("bytes_written", 0))
         self.mark("final_pass")
 
+    async def _hand_devices_file(self) -> None:
+        """QEMU gets the device state's file open (QMP ``getfd``) before the
+        pause: ``migrate fd:`` then writes it itself, where ``exec:cat``
+        would spawn a shell and cat while the guest is stopped (and cat could
+        still be writing when QEMU reports the migration completed)."""
+        fd = os.open(self.dev_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self.qmp.execute("getfd", {"fdname": _DEVICES_OUT}, fds=[fd])
+        finally:
+            os.close(fd)
+
     async def _devices(self) -> None:
         watch = MigrationWatch(started=time.monotonic())
-        await self.qmp.execute("migrate", {"uri": "exec:cat > " + shlex.quote(self.dev_path)})
+        await self.qmp.execute("migrate", {"uri": "fd:" + _DEVICES_OUT})
         await watch.until(self.qmp, timeout=self.opts.timeout, interval=0.005)
         self.mark("devices")
 
