@@ -4,9 +4,6 @@ memfs.cli.restore_run does the work, imported only when it runs)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import sys
 import time
 
@@ -20,42 +17,18 @@ def cmd_restore(a: argparse.Namespace) -> int:
 
 
 def _from_pool(a: argparse.Namespace, t: dict[str, float]) -> int:
-    """Ask the pool at --pool for --clones clones: no import beyond the
-    standard library, since this process is on the path to their first tick."""
+    """Ask the pool at --pool for --clones clones (memfs.pool_request: the
+    ``memfs`` command usually gets there before argparse)."""
     if a.mount or a.qmp or a.print_args or a.serve:
         print("memfs: restore: --pool takes no --mount, --qmp, --print-args or --serve "
               "(the pool has its mount and its QEMUs)", file=sys.stderr)
         return 2
-    req = json.dumps({"snapshot": os.path.abspath(a.dir), "clones": a.clones}).encode()
-    data = b""
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(a.pool_timeout)
-            s.connect(a.pool)
-            s.sendall(req + b"\n")
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"memfs: restore failed: no restore pool listens at {a.pool} (start one with "
-              "memfs restore DIR --mount MNT --serve SOCK)", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"memfs: restore failed: restore pool {a.pool}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    try:
-        rep = json.loads(data)
-    except ValueError:
-        rep = {"error": f"the pool at {a.pool} answered {data[:80]!r}"}
-    if "error" in rep:
-        print(f"memfs: restore failed: {rep['error']}", file=sys.stderr)
-        return 1
-    rep["t"]["start"] = t["start"]
-    rep["seconds"] = round(time.monotonic() - t["start"], 3)
-    print(json.dumps(rep, indent=1))
-    return 0
+    if not 0 < a.pool_timeout < float("inf"):
+        print(f"memfs: restore: --pool-timeout {a.pool_timeout}: not a number of seconds "
+              "above 0", file=sys.stderr)
+        return 2
+    from ..pool_request import PoolRequest, ask
+    return ask(PoolRequest(a.dir, a.pool, a.clones, a.pool_timeout), t["start"])
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

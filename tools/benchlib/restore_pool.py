@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ from memfs import hostmem
 from benchlib.host import drop_caches
 from benchlib.mounts import MEMFS, umount
 from benchlib.restore_guests import Tail, command_times, run_timed, until_complete
+
+#: the command as a user types it (the installed ``memfs`` script, which
+#: answers a pool request before argparse loads), else ``python -m memfs``
+COMMAND = [str(Path(sys.executable).with_name("memfs"))] \
+    if Path(sys.executable).with_name("memfs").exists() else [sys.executable, "-m", "memfs"]
 
 
 async def run_memfs_pool(kind: str, n: int, snap_dir: Path, work: Path,
@@ -52,7 +58,7 @@ async def run_memfs_pool(kind: str, n: int, snap_dir: Path, work: Path,
         await until_complete(mnt)
         if kind.endswith("-cold"):
             drop_caches()
-        cmd = [*MEMFS, "restore", str(snap_dir), "--pool", str(sock), "--clones", str(n)]
+        cmd = [*COMMAND, "restore", str(snap_dir), "--pool", str(sock), "--clones", str(n)]
         tails = [Tail(rdir / f"p{i}.console") for i in range(n)]
         t0, _, rep, per = await run_timed("memfs restore --pool", cmd, tails, a.seconds,
                                           a.tick / 1000)
