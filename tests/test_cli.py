@@ -68,6 +68,13 @@ def test_restore_option_errors_are_usage_errors(tmp_path: Path) -> None:
     assert (res.returncode, res.stderr) == (
         2, "memfs: restore: --pool takes no --mount, --qmp, --print-args or --serve (the "
         "pool has its mount and its QEMUs)\n")
+    res = subprocess.run([sys.executable, "-m", "memfs", "restore", str(tmp_path), "--mount",
+                          str(tmp_path / "m"), "--serve", str(tmp_path / "s"), "--qmp",
+                          str(tmp_path / "q")], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == (
+        2, "memfs: restore: --qmp and --serve exclude each other (--qmp drives QEMUs already "
+        "started, --print-args starts none, --serve starts its own)\n")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
 
 
 def test_the_cli_imports_no_layer_until_a_command_runs() -> None:

@@ -93,6 +93,13 @@ def run(a: argparse.Namespace, t: dict[str, float]) -> int:
     if not a.mount:
         print("memfs: restore: --mount MNT is needed (or --pool SOCK)", file=sys.stderr)
         return 2
+    ways = [w for w, on in (("--qmp", a.qmp), ("--print-args", a.print_args),
+                            ("--serve", a.serve)) if on]
+    if len(ways) > 1:
+        print(f"memfs: restore: {' and '.join(ways)} exclude each other (--qmp drives QEMUs "
+              "already started, --print-args starts none, --serve starts its own)",
+              file=sys.stderr)
+        return 2
     rate = option("--prefetch-rate", parse_size, a.prefetch_rate)
     try:
         snap = open_snapshot(a.dir)
