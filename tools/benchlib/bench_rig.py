@@ -83,7 +83,7 @@ class Rig:
 
     def setup(self) -> None:
         """RAM image (ramfill's mix), captured to the volume; its remote
-        pages; the tmpfs twin of figure 7."""
+        pages; the tmpfs twin of figures 4 and 7."""
         t = time.perf_counter()
         make_ram(self.ram, self.size, self.a.seed)
         log(f"RAM image {self.a.size_mib} MiB in {time.perf_counter() - t:.1f}s; capturing")
@@ -105,8 +105,15 @@ class Rig:
             "volume_bytes": st.st_size, "volume_allocated_bytes": st.st_blocks * 512,
             "capture": {k: cap.get(k) for k in ("pages_written", "bytes_written", "seconds")},
         }
-        # tmpfs twin for figure 7: same size, every page present
-        with open(self.tmpfs_file, "wb") as f:
+        self.fresh_twin()
+
+    def fresh_twin(self) -> None:
+        """(Re)write the tmpfs twin of figures 4 and 7: write_bytes() bytes,
+        every page present, and every page a new one.  Figure 4 calls it
+        again after its last drop_caches: drop_caches cannot drop a tmpfs
+        page (it is dirty) and sets PG_reclaim on it instead, which makes
+        fault-around skip it (tools/probe-pushed-touch)."""
+        with open(self.tmpfs_file, "wb") as f:  # O_TRUNC: the old pages go
             chunk = os.urandom(MIB)
             for _ in range(self.write_bytes() // MIB):
                 f.write(chunk)
