@@ -1,4 +1,5 @@
-"""tools/bench and tools/bench-pagemap run end to end and report every figure;
+"""tools/bench, tools/bench-pagemap and tools/bench-fuse-floor run end to end
+and report every figure;
 tools/benchlib's reader of py-spy profiles takes any raw profile.
 
 No timing assertions: targets live in the benchmarks' own output (DESIGN.md).
@@ -46,6 +47,25 @@ def test_bench_quick_reports_every_figure(needs_fuse) -> None:
                        "f6_amp", "f7_write"}
     assert all(row["verdict"] in ("pass", "MISS", "-") for row in res["summary"])
     assert "memfs" in r.stderr  # the table
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("needs_fuse")
+def test_bench_fuse_floor_small(tmp_path) -> None:
+    """The C and Python floor daemons build, mount, answer every touch with
+    the right bytes (the bench checks them and exits non-zero otherwise) and
+    leave nothing mounted."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench-fuse-floor"),
+                        "--samples", "20", "--rounds", "1", "--size-mib", "4",
+                        "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(r.stdout)["rounds"]
+    for v in ("raw", "raw_after", "c-null", "c-disk", "py-null", "py-disk"):
+        assert row[v]["n"] == 20, v
+    assert set(row["ratio_p50"]) == {"c-null", "c-disk", "py-null", "py-disk"}
+    assert list(tmp_path.iterdir()) == []
+    assert str(tmp_path) not in open("/proc/mounts").read()
 
 
 @pytest.mark.slow
