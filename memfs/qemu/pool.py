@@ -4,11 +4,12 @@ request over a unix socket (``memfs restore --serve`` / ``--pool``).
 
 Why: a clone's first tick should not wait for what does not depend on the
 request.  Starting QEMU costs 0.1-0.2 s and an interpreter with memfs's
-imports 0.3 s or more; the restore itself is loading the device state and
-``cont``, with the RAM arriving from the pool's mount on first touch.  A
-pool keeps the rest done: the snapshot checked once, the mount up (its
+imports 0.3 s or more, loading the device state 10 ms or more.  A pool
+keeps all of it done: the snapshot checked once, the mount up (its
 background completion keeps the snapshot in the page cache, shared by every
-clone), QEMUs started, and their NICs checked for the MAC replug.
+clone), QEMUs started (with -S), their NICs checked for the MAC replug and
+their device state loaded, links down; a request is ``cont``, with the RAM
+arriving from the pool's mount on first touch.
 
 Each clone is daemonized QEMU with its own vmgenid and MACs, chosen when it
 is started; once resumed it is the caller's (the pool forgets it after its
@@ -33,8 +34,8 @@ import trio
 from ..snapshot import SnapshotError
 from .nic import replace_nics
 from .qmp import QMP, unwrap_single
-from .restore import (Identity, Snapshot, hand_devices, launch_clone, load_clone,
-                      prepare_clone, started)
+from .restore import (Identity, Snapshot, launch_clone, load_devices, prepare_clone,
+                      started)
 
 __all__ = ["Pool", "PoolError"]
 
@@ -140,17 +141,18 @@ class Pool:
             w.done.set()
 
     async def _life(self, w: _Waiting, ready: Any) -> None:
-        """Prepared, waiting for ``go``, loaded and resumed, its NICs
-        replugged ``mac_delay`` s later; a clone whose load failed is killed
-        (never a half-restored guest)."""
+        """Prepared and loaded (paused: a load that fails stops the clone's
+        start, and the pool's), waiting for ``go``, resumed, its NICs
+        replugged ``mac_delay`` s later; a clone whose ``cont`` failed is
+        killed (never a half-restored guest)."""
         async with QMP.connect(w.info["qmp"], timeout=30) as qmp:
             await prepare_clone(qmp, w.ident.nics)
-            await hand_devices(qmp, self.snap.devices)
+            w.info["load_s"] = round(await load_devices(qmp, self.snap.devices,
+                                                        nics=w.ident.nics), 3)
             ready()
             await _until_set(w.go, qmp)
             try:
-                w.info["load_s"] = round(await load_clone(qmp, self.snap.devices,
-                                                          nics=w.ident.nics, handed=True), 3)
+                await qmp.execute("cont")
             except Exception as e:
                 w.error = e
                 _kill(w.info)

@@ -52,8 +52,8 @@ from .qmp import QMP, QMPClosed
 from .vm import VM
 
 __all__ = ["Snapshot", "Identity", "CloneConfig", "clone_argv", "open_snapshot",
-           "resume_clone", "prepare_clone", "hand_devices", "load_clone", "restore_clones", "ensure_mount",
-           "launch_clone", "started", "TRACE"]
+           "resume_clone", "prepare_clone", "load_devices", "load_clone", "restore_clones",
+           "ensure_mount", "launch_clone", "started", "TRACE"]
 
 TRACE = PAGEMAP + ".trace"
 #: the name QEMU knows the device state's fd by (getfd, migrate-incoming fd:)
@@ -230,9 +230,8 @@ async def prepare_clone(qmp: QMP, nics: Sequence[Nic] = ()) -> None:
 
 async def hand_devices(qmp: QMP, devices: str) -> None:
     """Give QEMU an open fd of the device state (QMP ``getfd``), read by
-    ``migrate-incoming fd:`` at the load: an ``exec:cat`` there would spawn
-    a shell and cat on the way to the first tick (9-15 ms here).  A pool's
-    clone gets it while it waits."""
+    ``migrate-incoming fd:``: an ``exec:cat`` would spawn a shell and cat
+    on the way to the first tick (9-15 ms here)."""
     fd = os.open(devices, os.O_RDONLY | os.O_CLOEXEC)
     try:
         await qmp.execute("getfd", {"fdname": DEVICES_FD}, fds=[fd])
@@ -241,12 +240,21 @@ async def hand_devices(qmp: QMP, devices: str) -> None:
 
 
 async def load_clone(qmp: QMP, devices: str, timeout: float = 120.0,
-                     nics: Sequence[Nic] = (), handed: bool = False) -> float:
-    """The device state into a prepared clone, then ``cont``: seconds loading.
-    ``handed``: hand_devices already gave QEMU its fd."""
+                     nics: Sequence[Nic] = ()) -> float:
+    """The device state into a prepared clone, then ``cont``: seconds loading."""
+    loaded = await load_devices(qmp, devices, timeout, nics)
+    await qmp.execute("cont")
+    return loaded
+
+
+async def load_devices(qmp: QMP, devices: str, timeout: float = 120.0,
+                       nics: Sequence[Nic] = ()) -> float:
+    """The device state into a prepared clone, which stays paused (it was
+    started with -S) with the links of ``nics`` down, so that no frame
+    leaves with the snapshot's MAC: seconds loading.  A pool does this
+    while the clone waits, leaving only ``cont`` for the request."""
     t0 = time.monotonic()
-    if not handed:
-        await hand_devices(qmp, devices)
+    await hand_devices(qmp, devices)
     await qmp.execute("migrate-incoming", {"uri": "fd:" + DEVICES_FD})
     try:
         with trio.fail_after(timeout):
@@ -255,9 +263,8 @@ async def load_clone(qmp: QMP, devices: str, timeout: float = 120.0,
         raise SnapshotError(f"QEMU {qmp.path} exited while loading the device state "
                             f"{devices}") from None
     loaded = time.monotonic() - t0
-    if nics:   # no frame leaves with the snapshot's MAC
+    if nics:
         await set_links(qmp, nics, False)
-    await qmp.execute("cont")
     return loaded
 
 
