@@ -25,7 +25,7 @@ from .held import HeldPages
 from .pagemap import PageMap, PageMapError, PageState, Region
 from .served import ServedPages
 from .stats import Stats
-from .store import LocalStore
+from .store import LocalStore, page_writes
 from .trace import Trace
 
 log = logging.getLogger("memfs.pages")
@@ -304,11 +304,9 @@ class PageServer:
         states = region.states
         async with self._locks[region.name]:
             pages = sorted(p for p in got if states[p] == REMOTE)
-            writes = []
             spans = stretches(pages)
-            for p0, n in spans:
-                data = got[p0] if n == 1 else [got[p] for p in range(p0, p0 + n)]
-                writes.append((p0 * ps, data))
+            # few large writes: small runs of zero pages between written as zeros
+            writes = page_writes(ps, spans, got, lambda a, b: not any(states[a:b]))
             try:
                 if writes:
                     await self.store.write_many(region.name, writes)

