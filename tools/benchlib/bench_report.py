@@ -71,6 +71,15 @@ def _demand_rows(kind: str, k: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _ptes(f4: dict[str, Any]) -> str:
+    """Figure 4's PTEs mapped per touch, memfs/tmpfs: equal when like for like."""
+    lay = f4.get("layout")
+    if not lay:
+        return ""
+    return f"; fig4 PTEs mapped per touch {lay['memfs']['ptes_per_touch']:g} memfs, " \
+        f"{lay['tmpfs']['ptes_per_touch']:g} tmpfs"
+
+
 def _local_rows(kind: str, k: dict[str, Any]) -> list[Row]:
     """Figures 4 to 7: pushed pages, completion, amplification, writes."""
     rows: list[Row] = [
@@ -128,7 +137,7 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"{kind}: raw 4K = {k['f1']['raw_method']}; READ size fig1 "
                      f"{k['f1']['read_size']} B, fig2 {k['f2']['read_size']} B "
                      f"({k['f2']['bytes_read_per_touch'] >> 10} KiB per touch); fig3 raw = "
-                     f"{k['f3']['raw_method']}")
+                     f"{k['f3']['raw_method']}{_ptes(k['f4'])}")
         for fig, p in k.get("profile", {}).items():
             summ = p["summary"]
             lines.append(f"{kind} profile {fig} ({summ.get('samples')} samples): "
