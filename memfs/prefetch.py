@@ -132,9 +132,12 @@ def _scratch() -> memoryview:
 
 
 #: batches in flight: 5 completed 256 MiB in 0.73 s (median of 6, file
-#: disk) where 3 took 0.87, 8 no faster than 5; over NBD 5 won 3 runs of 3
-#: (measured on a loaded two-core host, tools/bench's region, alternating)
-DEPTH = 5
+#: disk) where 3 took 0.87; since a batch is one store write (store.page_writes)
+#: 8 beat 5 over NBD in 6 runs of 6 (0.88-1.32 s against 1.26-1.56), file
+#: disk the same (medians 0.59/0.51 against 0.59/0.53); daemon RSS after a
+#: 1 GiB completion 49.3 MiB against 46.3 (measured on a loaded two-core
+#: host, tools/bench's region, alternating)
+DEPTH = 8
 
 
 class Prefetcher:
