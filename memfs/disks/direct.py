@@ -40,8 +40,10 @@ DEPTH = 256
 #: windows of RA_LARGE_WINDOW, RA_DEPTH_LARGE ahead (a READ at a window's
 #: start waits for less than a 4 MiB window: in-process 1 MiB READs in order
 #: 510-650 MiB/s against 390-570; 1 MiB windows were slower, 340-460);
-#: at most RA_WINDOWS kept; a read this far past the last one is in order
-RA_MIN, RA_MAX, RA_DEPTH, RA_WINDOWS = 256 << 10, 4 << 20, 2, 6
+#: at most RA_WINDOWS kept; a read this far past the end of one of the last
+#: RA_STREAMS streams of reads is in order (a guest's READs and a streak push's
+#: ahead of them are two streams: with one, each broke the other's order)
+RA_MIN, RA_MAX, RA_DEPTH, RA_WINDOWS, RA_STREAMS = 256 << 10, 4 << 20, 2, 12, 4
 RA_LARGE_WINDOW, RA_DEPTH_LARGE = 2 << 20, 4
 GAP = 64 << 10
 #: reads up to RA_TRIGGER start read-ahead; larger ones up to RA_LARGE (a
@@ -132,8 +134,8 @@ class DirectReader:
         self._leading = False
         self._pool: list[mmap.mmap] = []
         #: where the last read ended, and the read-ahead windows (oldest first)
-        self._next = -1
-        self._streak = 0  # bytes read in order up to _next
+        #: [where a stream of reads in order ended, bytes it read], newest last
+        self._streams: list[list[int]] = []
         self._windows: list[_Window] = []
         self.size = os.fstat(fd).st_size
         self._stats = {"direct_readahead_hits": 0, "direct_readahead_bytes": 0}
@@ -174,10 +176,9 @@ class DirectReader:
         that starts where the last one ended (or a short gap after: zero
         pages are not on the volume) sends the next window ahead of it; a
         read inside a window is answered from it."""
-        streak = self._streak if 0 <= offset - self._next <= GAP else -1
+        streak = self._in_order(offset, length)
         seq = length <= RA_TRIGGER or (length <= RA_LARGE and streak >= RA_STREAK)
         seq = seq and streak >= 0
-        self._next, self._streak = offset + length, max(streak, 0) + length
         for w in self._windows:
             if w.start <= offset and offset + length <= w.end:
                 res = await w.wait(self)
@@ -192,6 +193,18 @@ class DirectReader:
         if seq:
             self._ahead(offset + length, length, length)
         return await self._read(offset, length)
+
+    def _in_order(self, offset: int, length: int) -> int:
+        """Bytes read in order before this read (-1: it starts a new stream)."""
+        for s in self._streams:
+            if 0 <= offset - s[0] <= GAP:
+                streak = s[1]
+                s[0], s[1] = offset + length, streak + length
+                self._streams.remove(s)
+                self._streams.append(s)
+                return streak
+        self._streams = [*self._streams[1 - RA_STREAMS:], [offset + length, length]]
+        return -1
 
     def _ahead(self, start: int, last: int, length: int) -> None:
         """Send the windows from ``start`` on that are not sent yet (after
