@@ -112,11 +112,18 @@ class Rig:
         every page present, and every page a new one.  Figure 4 calls it
         again after its last drop_caches: drop_caches cannot drop a tmpfs
         page (it is dirty) and sets PG_reclaim on it instead, which makes
-        fault-around skip it (tools/probe-pushed-touch)."""
-        with open(self.tmpfs_file, "wb") as f:  # O_TRUNC: the old pages go
+        fault-around skip it (tools/probe-pushed-touch).  Written as a new
+        file that then replaces the old: rewritten in place, the twin would
+        get its own just-freed frames back in a scrambled order, and a
+        fault-around window over scattered frames costs more (more
+        struct-page cache misses); a new file's frames come from the free
+        lists as they are, as the pushed pages' did."""
+        new = self.tmpfs_file + ".new"
+        with open(new, "wb") as f:
             chunk = os.urandom(MIB)
             for _ in range(self.write_bytes() // MIB):
                 f.write(chunk)
+        os.replace(new, self.tmpfs_file)
 
     def nbd_pagemap(self, uri: str) -> str:
         """The captured page map with its disk served at ``uri``."""
@@ -159,6 +166,6 @@ class Rig:
         return Touched(value, s0, s1, bdi)
 
     def cleanup(self) -> None:
-        for p in (self.ram, self.tmpfs_file):
+        for p in (self.ram, self.tmpfs_file, self.tmpfs_file + ".new"):
             if os.path.exists(p):
                 os.unlink(p)
