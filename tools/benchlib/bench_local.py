@@ -101,10 +101,12 @@ class LocalFigures(Rig):
         (lru_deactivate_file), PG_reclaim is PG_readahead, and fault-around
         skips such a folio, so each tmpfs touch mapped one PTE through
         shmem_fault while each memfs touch mapped its 16 cached neighbours:
-        figure 4 read 1.4-1.7x for what was the same work in a fresh twin
-        (tools/probe-pushed-touch: 4.4 us memfs, 3.3 us twin after a drop,
-        4.1 us fresh twin, one run).  ``layout`` shows the PTEs each touch
-        mapped on both sides; ``like_for_like`` says they were equal.
+        figure 4 read 1.3-1.7x where a fresh twin reads 0.9-1.2x
+        (tools/probe-pushed-touch, one run: memfs 4.5 us, twin after a
+        drop 3.2 us, fresh twin 3.9 us).  ``layout`` shows, per side, the
+        PTEs each touch mapped (``like_for_like``: equal) and how scattered
+        the frames of each fault-around window are (runs_mean: 1 is
+        contiguous), which is what is left of the difference.
 
         Both files are touched at the same offsets, one touch of each in
         turn (which goes first alternates): each touch of one file has the
