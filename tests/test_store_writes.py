@@ -6,14 +6,21 @@ The writes go to a real store file and are read back."""
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memfs.pagemap import PageState
 from memfs.store import BRIDGE_ZEROS, LocalStore, page_writes
+from test_fetcher import captured, make_server
 
 PS = 4096
 ZERO, KEPT, LOCAL, UNFETCHED = 0, 1, 2, 3
@@ -91,3 +98,51 @@ def test_a_batch_of_stretches_between_zero_pages_is_one_write(tmp_path: Path) ->
     assert offset == 0
     assert [len(v) for v in parts[:3]] == [3 * PS, PS, 3 * PS]
     assert sum(len(v) for v in parts) == (len(kinds) - 1) * PS
+
+
+@contextmanager
+def _small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs",
+                    str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_batch_into_a_full_store_keeps_nothing_and_spares_a_guest_page(
+        tmp_path, ram, caplog) -> None:
+    """A prefetch batch whose store write runs out of space: no page is
+    kept (all stay remote, served from the disk), the error is counted and
+    logged, and the page the guest wrote between two of its stretches (a
+    zero page that a batch would otherwise fill with zeros) keeps its bytes."""
+    pm, data, _ = await captured(tmp_path, ram)
+    r = pm.region("ram0")
+    st_ = r.states
+    remote = [p for p in range(r.npages) if st_[p] == PageState.REMOTE]
+    gap = next(p for p in range(1, r.npages - 1) if st_[p] == PageState.ZERO
+               and st_[p - 1] == st_[p + 1] == PageState.REMOTE)
+    with _small_tmpfs(tmp_path / "store", "64k"):
+        server, _, stats = await make_server(tmp_path, pm)
+        try:
+            guest = os.urandom(PS)
+            await server.write("ram0", gap * PS, guest)
+            t0 = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="memfs.pages"):
+                kept = await server.prefetch(r, remote)
+            took = time.monotonic() - t0
+            assert kept == []
+            assert stats.counters["store_write_errors"] == 1
+            assert all(st_[p] == PageState.REMOTE for p in remote)
+            assert st_[gap] == PageState.LOCAL
+            msg = f"ram0: {len(remote)} fetched pages not kept: [Errno 28] No space left on device"
+            assert msg in caplog.messages
+            want = bytearray(data)
+            want[gap * PS:(gap + 1) * PS] = guest
+            assert await server.read("ram0", 0, len(data)) == want
+            store = os.pread(server.store._fd("ram0"), PS, gap * PS)
+            assert store == guest
+        finally:
+            server.store.close()
+    print(f"\nbatch of {len(remote)} pages into a full store: refused in {took * 1000:.1f} ms")
