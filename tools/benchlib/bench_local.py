@@ -4,6 +4,7 @@ mapping; beside a tmpfs file's page-cache hits and writes."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import random
 import struct
@@ -15,6 +16,8 @@ from benchlib.host import drop_caches
 from benchlib.maps import mapping, touch_timed
 from benchlib.mountstats import bdi_of, stat_delta, stats, wait_prefetch
 from benchlib.stats import lat, ratio
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def write_pass(m: mmap.mmap, w: int, style: str) -> dict[str, Any]:
@@ -36,16 +39,20 @@ def write_pass(m: mmap.mmap, w: int, style: str) -> dict[str, Any]:
             "mib_s_dirtying_only": round(w / max(t_write, 1e-9) / MIB, 1)}
 
 
-def pfn_runs(path: str, offsets: list[int], window: int = 16) -> dict[str, Any]:
-    """How this process's mapping of ``path`` lies in physical memory around
-    each of ``offsets``: the runs of consecutive frame numbers among the
-    mapped pages of its fault-around window (1: contiguous)."""
-    base = 0
+def _base(path: str) -> int:
+    """Start address of this process's mapping of ``path``."""
     with open("/proc/self/maps") as f:
         for line in f:
             if line.rstrip().endswith(path):
-                base = int(line.split("-", 1)[0], 16)
-                break
+                return int(line.split("-", 1)[0], 16)
+    raise LookupError(path)
+
+
+def pfn_runs(path: str, offsets: list[int], window: int = 16) -> dict[str, Any]:
+    """How this process's mapping of ``path`` lies in physical memory around
+    each of ``offsets``: the PTEs mapped in its fault-around window, and the
+    runs of consecutive frame numbers among them (1: contiguous)."""
+    base = _base(path)
     runs: list[int] = []
     mapped = 0
     with open("/proc/self/pagemap", "rb") as pm:
@@ -60,6 +67,29 @@ def pfn_runs(path: str, offsets: list[int], window: int = 16) -> dict[str, Any]:
             "contiguous": sum(1 for r in runs if r == 1)}
 
 
+def not_cached(path: str, offsets: list[int]) -> int:
+    """How many pages of this process's mapping of ``path`` at ``offsets``
+    are not in the page cache (mincore): a touch of one is a READ, not a hit."""
+    base = _base(path)
+    vec = ctypes.c_ubyte()
+    gone = 0
+    for off in offsets:
+        if _libc.mincore(ctypes.c_void_p(base + off), ctypes.c_size_t(PS), ctypes.byref(vec)):
+            raise OSError(ctypes.get_errno(), "mincore")
+        gone += not vec.value & 1
+    return gone
+
+
+def drops() -> int:
+    """drop_caches so far on this host (/proc/vmstat drop_pagecache): the
+    bench lock keeps others' from a run, when they take it."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("drop_pagecache "):
+                return int(line.split()[1])
+    return 0
+
+
 class LocalFigures(Rig):
     def fig5_4_7(self, kind: str, pm: str, raw_seq_mib_s: float) -> dict[str, Any]:
         """One mount with prefetch: time to complete (5), then touches of
@@ -67,6 +97,7 @@ class LocalFigures(Rig):
         bdi); a second mount for figure 7 with relaxed bdi limits."""
         out: dict[str, Any] = {}
         drop_caches()
+        d0 = drops()
         t_mount = time.perf_counter()
         with self.mount(pm):
             t_up = time.perf_counter()
@@ -82,14 +113,14 @@ class LocalFigures(Rig):
                          "bytes_fetched": s.get("bytes_fetched"),
                          "push_errors": s.get("push_errors")}
             out["f5"]["ratio"] = ratio(s.get("prefetch_seconds") or wall, ideal, 3)
-            out["f4"] = self.fig4(s)
+            out["f4"] = self.fig4(s, d0)
             out["f7_default"] = self.writes()
         with self.mount(pm, "--bdi-max-ratio", "50", "--bdi-strict-limit", "0"):
             wait_prefetch(self.mnt, timeout=600)
             out["f7_bdi50"] = self.writes()
         return out
 
-    def fig4(self, s: dict[str, Any]) -> dict[str, Any]:
+    def fig4(self, s: dict[str, Any], d0: int) -> dict[str, Any]:
         """First touches of pushed pages (the mount is complete), and the
         same touches of a tmpfs file whose pages are all present: what a
         page-cache hit costs on this machine.
@@ -120,6 +151,7 @@ class LocalFigures(Rig):
         offsets = [p * PS for p in pages]
         m = mapping(self.path, self.size)
         tm = mapping(self.tmpfs_file, w)
+        evicted = not_cached(self.path, offsets)
         s0 = stats(self.mnt)
         hits: list[float] = []
         tmpfs: list[float] = []
@@ -135,6 +167,9 @@ class LocalFigures(Rig):
                 "layout": layout, "like_for_like": layout["memfs"]["ptes_per_touch"]
                 == layout["tmpfs"]["ptes_per_touch"],
                 "reads_during_touches": s1["reads"] - s0["reads"],
+                # either makes the run no measure of a hit
+                "pages_not_cached_before_touch": evicted,
+                "drop_caches_since_mount": drops() - d0,
                 "pages_pushed": s.get("pages_pushed"),
                 "order": "interleaved, same offsets; tmpfs twin written after the last drop"}
 

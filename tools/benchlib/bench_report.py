@@ -76,8 +76,13 @@ def _ptes(f4: dict[str, Any]) -> str:
     lay = f4.get("layout")
     if not lay:
         return ""
-    return f"; fig4 PTEs mapped per touch {lay['memfs']['ptes_per_touch']:g} memfs, " \
+    text = f"; fig4 PTEs mapped per touch {lay['memfs']['ptes_per_touch']:g} memfs, " \
         f"{lay['tmpfs']['ptes_per_touch']:g} tmpfs"
+    gone = f4.get("pages_not_cached_before_touch")
+    if gone:
+        text += f" (NOT a hit: {gone} pushed pages had left the page cache, " \
+            f"{f4.get('drop_caches_since_mount')} drop_caches since the mount)"
+    return text
 
 
 def _local_rows(kind: str, k: dict[str, Any]) -> list[Row]:
