@@ -185,3 +185,33 @@ def test_a_sequential_touch_is_pushed_fetched_once_and_keeps_a_guest_write(
         drop_caches()
         with open(os.path.join(mnt, "ram0"), "rb") as f:
             assert f.read() == bytes(want)
+
+
+async def test_a_failed_push_is_counted_and_logged_and_the_guest_read_asks_again(
+        caplog) -> None:
+    """A push whose read through the kernel fails (one of its READs got EIO)
+    is counted in push_errors and logged with the range; nothing else
+    changes: the guest's own READ of those pages asks the disk again."""
+    stats = Stats()
+
+    def populate(res: object, offset: int, length: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    r = Region.empty("ram0", 64 * MIB * PS)
+    for p in range(0, 64 * MIB, 2):
+        r.set_remote(p, 0, p * PS, 0)
+    pusher = StreakPusher(stats, window=8 << 20, depth=2,
+                          residency=lambda path: _File(),  # type: ignore[arg-type,return-value]
+                          populate=populate)
+    async with trio.open_nursery() as n:
+        await n.start(pusher.run, "/nowhere")
+        for i in range(5):
+            pusher.observe(r, i * MIB, (i + 1) * MIB)
+        with trio.fail_after(10):
+            while stats.counters["push_errors"] < 1:
+                await trio.sleep(0.01)
+        await pusher.stop()
+    assert stats.counters["push_errors"] == 1 and stats.counters["streak_pushes"] == 0
+    assert "streak push of ram0 pages 1536..2559 failed: [Errno 5] Input/output error" \
+        in caplog.text
+    assert pusher._streaks["ram0"].pushing == []  # the window is free for the next push
