@@ -27,7 +27,6 @@ from .pages import PageServer
 from .prefetch import Prefetcher
 from .trace import Trace
 from .stats import Stats
-from .streak import StreakPusher
 from .state import State
 from .store import LocalStore
 from .volume import check_pagemap as check_volumes
@@ -72,8 +71,6 @@ class Daemon:
         self.pagemap_path = opts.pagemap_path
         self.prefetcher: Prefetcher | None = None
         self.stats.gauges.append(self._prefetch_stats)
-        #: pushes the range ahead of READs that arrive in order
-        self.streak = StreakPusher(self.stats)
         self._inited = trio.Event()
         #: the mount as a migration source: volume, background copy, flush
         self.source = Source(self.pages, self.stats, opts.mountpoint, self._stack,
@@ -269,9 +266,6 @@ class Daemon:
                     nursery.start_soon(self.source.attach_volume, self.opts.volume, nursery,
                                        name="volume")
                 nursery.start_soon(self._trim, name="trim")
-                if self.opts.push and self.streak.window > 0:
-                    await nursery.start(self.streak.run, mp, name="streak-push")
-                    self.pages.on_read = self.streak.observe
                 if self.opts.prefetch:
                     nursery.start_soon(self._prefetch_until_stopped, mp, name="prefetch")
                 with self._main_scope:
@@ -382,7 +376,6 @@ class Daemon:
         self._prefetch_scope.cancel()
         if self.opts.prefetch:
             await self._prefetch_stopped.wait()
-        await self.streak.stop()  # its files open would keep the mount busy too
         pyfuse3.terminate()
         if not self.pages.installed.is_set():
             self._main_scope.cancel()

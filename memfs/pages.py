@@ -13,7 +13,7 @@ import errno
 import logging
 import time
 from array import array
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import trio
 
@@ -85,8 +85,6 @@ class PageServer:
         self.journal: PageJournal = NO_JOURNAL
         #: the bytes of pages a prefetch batch kept, while its push runs
         self.held = HeldPages(regions)
-        #: told of every READ's pages (memfs.streak pushes ahead of in-order READs)
-        self.on_read: Callable[[Region, int, int], None] | None = None
         #: fetched pages the store could not keep (full): served unkept
         stats.counters.setdefault("store_write_errors", 0)
         stats.counters.setdefault("pages_push_held_hits", 0)
@@ -205,8 +203,6 @@ class PageServer:
         # Served from the moment the READ arrives (the kernel may hold these
         # pages dirty from now on: the state journal must know).
         self.served.mark(name, first, last)
-        if self.on_read is not None:  # before the fetch: a push starts meanwhile
-            self.on_read(region, first, last)
         data = await self._read_pages(region, first, last - first)
         self.stats.add("reads")
         self.stats.add("bytes_read", end - offset)

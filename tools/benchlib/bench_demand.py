@@ -12,12 +12,8 @@ from benchlib import rawdisk
 from benchlib.bench_rig import MIB, PS, Rig, spread
 from benchlib.host import drop_caches
 from benchlib.maps import touch_timed
-from benchlib.mountstats import read_size, stat_delta
+from benchlib.mountstats import read_size
 from benchlib.stats import lat, ratio
-
-
-#: the streak push's counters (memfs.streak; on with MEMFS_STREAK_WINDOW)
-STREAK_KEYS = ("pages_streak_pushed", "streak_pushes")
 
 
 class DemandFigures(Rig):
@@ -62,7 +58,6 @@ class DemandFigures(Rig):
                "raw_method": how, "touches": len(fs_chunks), "daemon_reads": d,
                "read_size": read_size(d),
                "bytes_read_per_touch": d["bytes_read"] // max(1, len(fs_chunks)),
-               **stat_delta(t.s0, t.s1, STREAK_KEYS),
                "daemon_read_p50_bucket_us": t.read_p50_bucket(), "bdi": t.bdi}
         out["ratio_p50"] = ratio(out["memfs"]["p50_us"], out["raw"]["p50_us"], 3)
         # the kernel asks for more than 1 MiB per touch: the raw read of as many
@@ -87,8 +82,7 @@ class DemandFigures(Rig):
         t = self.touched(pm, ("--no-prefetch", *extra), advice, every_page, prof)
         d = t.delta
         return {"seconds": round(t.value, 3), "mib_s": round(self.size / t.value / MIB, 1),
-                "daemon_reads": d, "read_size": read_size(d), "bdi": t.bdi,
-                **stat_delta(t.s0, t.s1, STREAK_KEYS)}
+                "daemon_reads": d, "read_size": read_size(d), "bdi": t.bdi}
 
     def fig3(self, kind: str, pm: str, target: str) -> dict[str, Any]:
         """Sequential first touch at each read-ahead and with MADV_HUGEPAGE."""
