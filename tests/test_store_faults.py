@@ -9,13 +9,11 @@ import mmap
 import os
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from ramimage import PS, drop_caches, memfs, mounted, read_stat
+from ramimage import PS, drop_caches, memfs, mounted, read_stat, small_tmpfs
 
 pytestmark = [pytest.mark.mount, pytest.mark.usefixtures("needs_fuse")]
 
@@ -25,17 +23,6 @@ def capture(tmp_path: Path, ram: str) -> str:
     memfs("capture", "--ram", ram, "--volume", str(tmp_path / "vol"), "--out", pm,
           "--no-progress")
     return pm
-
-
-@contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs",
-                    str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.mark.expect_log(r"refused open\(O_TRUNC\) of region ram0", "refused to resize inode")

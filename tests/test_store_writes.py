@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import trio
 from hypothesis import given, settings
@@ -20,6 +17,7 @@ from hypothesis import strategies as st
 
 from memfs.pagemap import PageState
 from memfs.store import BRIDGE_ZEROS, LocalStore, page_writes
+from ramimage import small_tmpfs
 from test_fetcher import captured, make_server
 
 PS = 4096
@@ -100,17 +98,6 @@ def test_a_batch_of_stretches_between_zero_pages_is_one_write(tmp_path: Path) ->
     assert sum(len(v) for v in parts) == (len(kinds) - 1) * PS
 
 
-@contextmanager
-def _small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs",
-                    str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 async def test_a_batch_into_a_full_store_keeps_nothing_and_spares_a_guest_page(
         tmp_path, ram, caplog) -> None:
     """A prefetch batch whose store write runs out of space: no page is
@@ -123,7 +110,7 @@ async def test_a_batch_into_a_full_store_keeps_nothing_and_spares_a_guest_page(
     remote = [p for p in range(r.npages) if st_[p] == PageState.REMOTE]
     gap = next(p for p in range(1, r.npages - 1) if st_[p] == PageState.ZERO
                and st_[p - 1] == st_[p + 1] == PageState.REMOTE)
-    with _small_tmpfs(tmp_path / "store", "64k"):
+    with small_tmpfs(tmp_path / "store", "64k"):
         server, _, stats = await make_server(tmp_path, pm)
         try:
             guest = os.urandom(PS)
