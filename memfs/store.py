@@ -24,7 +24,6 @@ from typing import Callable
 import trio
 
 from ._fast import span
-
 from .fileio import PRIVATE, create_new, nowait_pread, pread_into, pwrite_all
 
 
