@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -47,7 +48,9 @@ async def run_memfs_pool(kind: str, n: int, snap_dir: Path, work: Path,
     out: dict[str, Any] = {"kind": kind, "clones": n, "trace": trace}
     serve = [*MEMFS, "restore", str(snap_dir), "--mount", str(mnt), "--run-dir", str(rdir),
              "--name", "p", "--clones", str(n), "--store", str(store), "--serve", str(sock)]
-    server = subprocess.Popen(serve + ([] if trace else ["--no-trace"]),
+    serve += ([] if trace else ["--no-trace"]) + (["--keep-mac"] if a.keep_mac else [])
+    serve += shlex.split(a.restore_args or "")
+    server = subprocess.Popen(serve,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert server.stdout is not None
