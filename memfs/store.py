@@ -2,8 +2,10 @@
 
 One sparse file per region, page i at byte i * page_size.  It is a real file
 on a local disk so that the pages survive page-cache eviction of the FUSE
-file and the death of the daemon; which pages it holds is recorded in the
-page map (state LOCAL) and, with a state directory, in its journal.
+file and, with a state directory (whose journal records which pages it
+holds), the death of the daemon.  Without one (``--store`` not given) the
+files have no name at all (O_TMPFILE in /var/tmp): nothing could continue
+them, and a killed daemon leaves nothing behind.
 
 Two promises: a store file that already holds pages is never truncated or
 reused by a fresh mount (only a resumed one continues it), and a write is
@@ -109,13 +111,37 @@ def _pwrite_parts(fd: int, offset: int, data: bytes | memoryview | list[memoryvi
         offset += want
 
 
+#: where a store of no --store directory keeps its unnamed files
+TEMP_DIR = "/var/tmp"
+
+
+def _unnamed_file(directory: str, region: str) -> int:
+    """A new file with no name in ``directory``'s file system: O_TMPFILE, or
+    where that is not supported a file created and unlinked at once (in a
+    directory of its own, removed at once too)."""
+    flags = os.O_RDWR | os.O_CLOEXEC
+    try:
+        return os.open(directory, flags | os.O_TMPFILE, PRIVATE)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise StoreError(f"temporary local store in {directory}: {e.strerror}") from None
+    where = tempfile.mkdtemp(prefix="memfs-store-", dir=directory)
+    try:
+        path = os.path.join(where, f"{region}.pages")
+        fd = create_new(path, PRIVATE, flags)
+        os.unlink(path)
+        return fd
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 class LocalStore:
     def __init__(self, directory: str | None = None, resume: bool = False) -> None:
         """``resume``: the store files may hold pages of this same mount
         (a restarted daemon); otherwise one that holds pages is refused."""
         self.resume = resume
         if directory is None:
-            self.directory = tempfile.mkdtemp(prefix="memfs-store-", dir="/var/tmp")
+            self.directory = TEMP_DIR
             self._owned = True
         else:
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -128,6 +154,15 @@ class LocalStore:
 
     def open_region(self, region: str, size: int) -> None:
         """Open (or create, sparse) the region's page file, never truncating it."""
+        if self._owned:
+            fd = _unnamed_file(self.directory, region)
+            try:
+                os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fds[region] = fd
+            return
         path = os.path.join(self.directory, f"{region}.pages")
         flags = os.O_RDWR | os.O_CLOEXEC
         try:
@@ -241,5 +276,3 @@ class LocalStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if self._owned:
-            shutil.rmtree(self.directory, ignore_errors=True)

@@ -137,3 +137,43 @@ def test_remount_never_truncates_the_store(tmp_path, ram) -> None:
                                   "remove the file")
     assert pages.read_bytes() == kept
     assert not os.path.ismount(mnt)
+
+
+def test_a_temporary_store_has_no_name(tmp_path, ram) -> None:
+    """Without --store the region's page file has no name (O_TMPFILE in
+    /var/tmp): a guest write is kept and read back after the page cache is
+    dropped, and nothing is left to pile up when a daemon is killed (named
+    temporary stores did: 4 MiB from each run of this suite, a region's
+    size from an operator's kill -9)."""
+    path, _ = ram
+    pm = capture(tmp_path, path)
+    mnt = str(tmp_path / "mnt")
+    before = set(os.listdir("/var/tmp"))
+    with mounted(pm, mnt):
+        fd = os.open(os.path.join(mnt, "ram0"), os.O_RDWR)
+        os.pwrite(fd, b"kept in a file with no name", 9 * PS + 3)
+        os.fsync(fd)
+        drop_caches()
+        assert os.pread(fd, 27, 9 * PS + 3) == b"kept in a file with no name"
+        os.close(fd)
+        pid = read_stat(mnt, "pid")
+        links = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        stores = [ln for ln in links if ln.startswith("/var/tmp/")]
+        assert stores and all(ln.endswith(" (deleted)") for ln in stores), links
+        assert not [n for n in set(os.listdir("/var/tmp")) - before
+                    if n.startswith("memfs-store-")]
+
+
+def test_an_unnamed_store_file_where_o_tmpfile_is_refused(tmp_path, monkeypatch) -> None:
+    """A file system without O_TMPFILE: the file is created and unlinked at
+    once, in a directory of its own that is gone too."""
+    from memfs.store import _unnamed_file
+    # open(dir, O_RDWR | O_DIRECTORY) fails with EISDIR, as O_TMPFILE does there
+    monkeypatch.setattr(os, "O_TMPFILE", os.O_DIRECTORY)
+    fd = _unnamed_file(str(tmp_path), "ram0")
+    try:
+        assert os.fstat(fd).st_nlink == 0 and os.listdir(tmp_path) == []
+        os.pwrite(fd, b"page bytes", 4096)
+        assert os.pread(fd, 10, 4096) == b"page bytes"
+    finally:
+        os.close(fd)
