@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
     m.add_argument("--allow-other", action="store_true", help="let other users (qemu) in")
     m.add_argument("--mode", default="600", help="octal mode of region files (600)")
-    m.add_argument("--store", metavar="DIR", help="local store directory (default: unnamed files in /var/tmp)")
+    m.add_argument("--store", metavar="DIR",
+                   help="local store directory (default: unnamed files in /var/tmp)")
     _add_state_options(m)
     m.add_argument("--read-ahead-kb", type=int, metavar="KB", help="bdi read-ahead")
     m.add_argument("--max-read", type=int, metavar="BYTES", help="largest READ the kernel sends")

@@ -61,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-trace", action="store_true",
                    help="do not fetch the snapshot's working-set trace first")
     p.add_argument("--store", metavar="DIR",
-                   help="local store directory of the mount it makes (default: unnamed files in /var/tmp)")
+                   help="local store directory of the mount it makes (default: unnamed "
+                        "files in /var/tmp)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="the mount it makes fetches only what the clones touch")
     p.add_argument("--prefetch-rate", metavar="BYTES/S",
