@@ -296,7 +296,9 @@ class Daemon:
         await self.pages.installed.wait()
         if self.opts.prefetch_delay and self.opts.prefetch_delay > 0:
             # the guests' first faults go first: wait for the first READ, then
-            # for a pause of prefetch_delay seconds in the READs (10x at most)
+            # for a pause of prefetch_delay seconds in the READs (10x at most);
+            # polled (a loop turn every 50 ms, for 10 x delay at most) so that
+            # the READ path signals nothing: it only counts
             delay, counters = self.opts.prefetch_delay, self.stats.counters
             while not counters["reads"]:
                 await trio.sleep(0.05)
