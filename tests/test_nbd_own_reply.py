@@ -125,6 +125,23 @@ async def answer(s: trio.SocketStream, cookie: int, off: int, n: int) -> None:
     await s.send_all(data_chunk(cookie, off, pattern(off, n)))
 
 
+def first_connection(before: Callable[[], Awaitable[bool]]) -> Behaviour:
+    """A server that answers every request, but on its first connection
+    awaits ``before()`` first and hangs up instead when it returns True."""
+    calls = 0
+
+    async def server(s: trio.SocketStream, r: p.Reader) -> None:
+        nonlocal calls
+        calls += 1
+        first = calls == 1
+        while True:
+            _, cookie, off, n = await next_request(r)
+            if first and await before():
+                return  # the connection closes (serve's finally)
+            await answer(s, cookie, off, n)
+    return server
+
+
 async def test_own_replies_and_replies_in_two_parts() -> None:
     """Whole replies are taken by their callers; a reply sent in two parts
     (the caller finds half) is finished by the reader: same bytes."""
@@ -193,20 +210,11 @@ async def test_own_reply_wrong_cookie_is_a_protocol_error() -> None:
 async def test_hang_up_under_the_caller_then_resent() -> None:
     """The server hangs up while the caller waits for its reply: the read
     is resent on a new connection and returns the right bytes."""
-    calls = 0
-
-    async def server(s: trio.SocketStream, r: p.Reader) -> None:
-        nonlocal calls
-        calls += 1
-        first = calls == 1
-        while True:
-            _, cookie, off, n = await next_request(r)
-            if first:
-                await trio.sleep(0.02)
-                return  # the connection closes (serve's finally)
-            await answer(s, cookie, off, n)
+    async def hang_up() -> bool:
+        await trio.sleep(0.02)
+        return True
     async with trio.open_nursery() as n:
-        disk = await open_socket_fake(n, server, connections=1, timeout=10)
+        disk = await open_socket_fake(n, first_connection(hang_up), connections=1, timeout=10)
         with trio.fail_after(10):
             assert await disk.read(40960, 4096) == pattern(40960, 4096)
         st = disk.stats()
@@ -240,19 +248,11 @@ async def test_deadline_passes_while_the_caller_waits_then_all_is_well() -> None
     """A reply later than the caller's deadline: the read fails at the
     deadline with the timeout text; the silent connection is dropped and
     the next read, on a new one, is right."""
-    calls = 0
-
-    async def server(s: trio.SocketStream, r: p.Reader) -> None:
-        nonlocal calls
-        calls += 1
-        slow = calls == 1
-        while True:
-            _, cookie, off, n = await next_request(r)
-            if slow:
-                await trio.sleep(0.5)
-            await answer(s, cookie, off, n)
+    async def late() -> bool:
+        await trio.sleep(0.5)
+        return False
     async with trio.open_nursery() as n:
-        disk = await open_socket_fake(n, server, connections=1, timeout=10)
+        disk = await open_socket_fake(n, first_connection(late), connections=1, timeout=10)
         with trio.fail_after(10):
             with pytest.raises(DiskError) as e:
                 await disk.read(0, 4096, deadline=trio.current_time() + 0.1)
