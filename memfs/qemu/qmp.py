@@ -134,6 +134,18 @@ class QMP:
             raise QMPError(command, err.get("class", "?"), err.get("desc", "?"))
         return reply.get("return")
 
+    async def send_file(self, name: str, path: str, flags: int = os.O_RDONLY,
+                        mode: int = 0o600) -> None:
+        """``path`` opened here with ``flags`` and given to QEMU as fd
+        ``name`` (``getfd``), for an ``fd:NAME`` migration URI: QEMU reads or
+        writes the file itself, where ``exec:cat`` would spawn a shell and
+        cat.  This process's copy is closed."""
+        fd = os.open(path, flags | os.O_CLOEXEC, mode)
+        try:
+            await self.execute("getfd", {"fdname": name}, fds=[fd])
+        finally:
+            os.close(fd)
+
     async def _send(self, data: bytes, fds: Sequence[int]) -> None:
         if not fds:
             await self._stream.send_all(data)

@@ -221,7 +221,12 @@ class _Snap:
                 self.mark("pass1")
             if self.mount:
                 await _send(self.mount, "sync-pause")   # the volume holds still from here
-            await self._hand_devices_file()
+            # QEMU writes the device state itself (migrate fd:), the file
+            # handed over before the pause: exec:cat would spawn a shell and
+            # cat while the guest is stopped, and cat could still be writing
+            # when QEMU reports the migration completed
+            await qmp.send_file(_DEVICES_OUT, self.dev_path,
+                                os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             if running:
                 await qmp.execute("stop")
                 stopped = True
@@ -248,17 +253,6 @@ class _Snap:
         res = await _passes(passes.run, 1, self.pm_path)
         self.rep.volume_bytes += int(res.get("bytes_written", 0))
         self.mark("final_pass")
-
-    async def _hand_devices_file(self) -> None:
-        """QEMU gets the device state's file open (QMP ``getfd``) before the
-        pause: ``migrate fd:`` then writes it itself, where ``exec:cat``
-        would spawn a shell and cat while the guest is stopped (and cat could
-        still be writing when QEMU reports the migration completed)."""
-        fd = os.open(self.dev_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            await self.qmp.execute("getfd", {"fdname": _DEVICES_OUT}, fds=[fd])
-        finally:
-            os.close(fd)
 
     async def _devices(self) -> None:
         watch = MigrationWatch(started=time.monotonic())
