@@ -20,7 +20,7 @@ TYPE_CHECKING = False   # no typing (nor dataclasses) at run time: ~12 ms of imp
 if TYPE_CHECKING:
     from typing import Any, Sequence
 
-__all__ = ["PoolRequest", "parse", "ask"]
+__all__ = ["PoolRequest", "parse", "usable_timeout", "ask"]
 
 
 class PoolRequest:
@@ -67,9 +67,14 @@ def parse(argv: Sequence[str]) -> PoolRequest | None:
             return None
     timeout = got.get("--pool-timeout", 300.0)
     if len(positional) != 1 or "--pool" not in got or got.get("--clones", 1) < 1 \
-            or not 0 < timeout < float("inf"):
+            or not usable_timeout(timeout):
         return None
     return PoolRequest(positional[0], got["--pool"], got.get("--clones", 1), timeout)
+
+
+def usable_timeout(seconds: float) -> bool:
+    """A socket timeout: above 0 and finite (nan and inf are not)."""
+    return 0 < seconds < float("inf")
 
 
 def ask(req: PoolRequest, started: float) -> int:

@@ -23,11 +23,11 @@ def _from_pool(a: argparse.Namespace, t: dict[str, float]) -> int:
         print("memfs: restore: --pool takes no --mount, --qmp, --print-args or --serve "
               "(the pool has its mount and its QEMUs)", file=sys.stderr)
         return 2
-    if not 0 < a.pool_timeout < float("inf"):
+    from ..pool_request import PoolRequest, ask, usable_timeout
+    if not usable_timeout(a.pool_timeout):
         print(f"memfs: restore: --pool-timeout {a.pool_timeout}: not a number of seconds "
               "above 0", file=sys.stderr)
         return 2
-    from ..pool_request import PoolRequest, ask
     return ask(PoolRequest(a.dir, a.pool, a.clones, a.pool_timeout), t["start"])
 
 
