@@ -27,6 +27,8 @@ from typing import Iterable
 
 #: the mode of every file memfs creates unless an option says otherwise
 PRIVATE = 0o600
+#: the most buffers one preadv/pwritev takes (Linux: 1024)
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 _CREATE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _NOWAIT_MAX = 256 << 10  # larger reads go to a thread even when cached

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import trio
 
+from .fileio import IOV_MAX
 from .pagemap import PageState, Region
 from .pages import PageServer
 from .stats import Stats
@@ -111,7 +112,7 @@ def read_through(res: Residency, offset: int, length: int) -> int:
 def _iovecs(length: int) -> list[memoryview]:
     """``length`` bytes of iovecs, all this thread's one scratch buffer."""
     view = _scratch()
-    full, rest = divmod(min(length, _SCRATCH * _IOV_MAX), _SCRATCH)
+    full, rest = divmod(min(length, _SCRATCH * IOV_MAX), _SCRATCH)
     return [view] * full + ([view[:rest]] if rest else [])
 
 
@@ -119,7 +120,6 @@ _local = threading.local()
 #: the throw-away buffer of each push thread; its size does not bound the
 #: READs (the kernel's read-ahead window does)
 _SCRATCH = 1 << 20
-_IOV_MAX = 1024
 
 
 def _scratch() -> memoryview:

@@ -26,7 +26,7 @@ from typing import Callable
 import trio
 
 from ._fast import span
-from .fileio import PRIVATE, create_new, nowait_pread, pread_into, pwrite_all
+from .fileio import IOV_MAX, PRIVATE, create_new, nowait_pread, pread_into, pwrite_all
 
 
 class StoreError(Exception):
@@ -60,7 +60,6 @@ def _length(data: bytes | memoryview | list[memoryview]) -> int:
     return sum(len(d) for d in data) if isinstance(data, list) else len(data)
 
 
-_IOV_MAX = 1024
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 #: zero pages between two stretches of fetched pages, up to this many bytes,
@@ -102,8 +101,8 @@ def _pwrite_parts(fd: int, offset: int, data: bytes | memoryview | list[memoryvi
     if not isinstance(data, list):
         pwrite_all(fd, offset, data)
         return
-    for i in range(0, len(data), _IOV_MAX):
-        parts = data[i:i + _IOV_MAX]
+    for i in range(0, len(data), IOV_MAX):
+        parts = data[i:i + IOV_MAX]
         want = sum(len(d) for d in parts)
         done = os.pwritev(fd, parts, offset)
         if done < want:  # short: the rest one buffer at a time

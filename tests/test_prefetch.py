@@ -246,7 +246,7 @@ def test_a_push_reads_its_whole_range_in_one_call() -> None:
     from memfs import prefetch
     mib = prefetch._SCRATCH
     for length, want in ((PS, [PS]), (mib, [mib]), (5 * mib + 3 * PS, [mib] * 5 + [3 * PS]),
-                         (prefetch._IOV_MAX * mib + PS, [mib] * prefetch._IOV_MAX)):
+                         (prefetch.IOV_MAX * mib + PS, [mib] * prefetch.IOV_MAX)):
         iov = prefetch._iovecs(length)
         assert [len(v) for v in iov] == want
         assert all(v.obj is iov[0].obj for v in iov)
