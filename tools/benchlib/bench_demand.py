@@ -86,17 +86,7 @@ class DemandFigures(Rig):
 
     def fig3(self, kind: str, pm: str, target: str) -> dict[str, Any]:
         """Sequential first touch at each read-ahead and with MADV_HUGEPAGE."""
-        drop_caches()
-        if kind == "file":
-            dd = rawdisk.file_seq(target, self.size)
-            drop_caches()
-            direct = rawdisk.file_seq_direct(target, self.size)
-            raw = max(dd, direct)
-            how = (f"the better of buffered 1 MiB preads (dd bs=1M, {dd / MIB:.0f} MiB/s) and "
-                   f"O_DIRECT 4 MiB reads 4 in flight ({direct / MIB:.0f} MiB/s) of the volume "
-                   "file, after drop_caches")
-        else:
-            raw, how = rawdisk.nbd_seq(target, self.size)
+        raw, how = rawdisk.seq(kind, target, self.size)
         rows = {}
         for ra in self.a.read_ahead:
             rows[f"ra{ra}"] = self.seq_touch(pm, ("--read-ahead-kb", str(ra)), None)
