@@ -41,10 +41,13 @@ def test_bench_quick_reports_every_figure(needs_fuse) -> None:
         assert k["f1"]["read_size"] == 4096  # read-ahead 0: one page per READ
         assert k["f3"]["raw_mib_s"] > 0 and k["f3"]["rows"]
         assert k["f5"]["pages_remote"] == 0
-        # figure 5's floor: its own raw reads, right before and after the completion
+        # figure 5's floor: its own raw reads, right before and after its mount
         before, after = k["f5"]["raw_mib_s_before_after"]
         assert before > 0 and after > 0 and k["f5"]["raw_method"]
-        assert k["f5"]["raw_seconds"] == round(k["f5"]["raw_seconds"], 3) > 0
+        assert k["f5"]["raw_seconds"] > 0
+        # nothing the bench does drops the pushed pages before figure 4 touches them
+        # (a raw read's drop_caches once did: every "hit" was a READ)
+        assert k["f4"]["drop_caches_since_mount"] == 0
         assert k["f6"]["ra0"]["bytes_fetched"] > 0
     figures = {row["figure"] for row in res["summary"]}
     assert figures == {"f1_p50", "f1_p99", "f2_p50", "f3_seq", "f4_p50", "f5_complete",

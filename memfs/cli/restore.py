@@ -13,6 +13,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
     if a.pool:
         return _from_pool(a, t)
     from .restore_run import run
+    t["imported"] = time.monotonic()  # trio, QEMU, the daemon for the forked mount
     return run(a, t)
 
 

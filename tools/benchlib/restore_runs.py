@@ -147,7 +147,9 @@ def _memfs_times(rep: dict[str, Any], t0: float, t_end: float,
     """The command's steps (restore_guests.command_times), its end and the
     NIC replug."""
     t = rep["t"]
-    marks = [("interpreter+imports", t["start"]), ("check snapshot", t["checked"]),
+    marks = [("interpreter+imports", t["start"]),
+             ("restore's imports", t.get("imported", t["start"])),
+             ("check snapshot", t["checked"]),
              ("mount", t.get("mounted", t["checked"])),
              ("start QEMUs", t["qemu_started"]), ("load state+cont", t["resumed"])]
     macs = [c.get("mac_s") for c in rep["clones"] if c.get("mac_s") is not None]
