@@ -391,7 +391,8 @@ async def test_restore_command_line(saved: Saved, tmp_path: Path) -> None:
         pids = [c["pid"] for c in clones]
         assert len({c["vmgenid"] for c in clones}) == 2
         t = out["t"]   # the command's steps, in order, in the host's monotonic clock
-        assert t["start"] <= t["checked"] <= t["mounted"] <= t["qemu_started"] <= t["resumed"]
+        assert t["start"] <= t["imported"] <= t["checked"] <= t["mounted"] <= t["qemu_started"] \
+            <= t["resumed"]
         assert t["resumed"] == max(c["t_cont"] for c in clones)
         for c in clones:   # the console log has what the guest printed since the resume
             with trio.fail_after(30):
