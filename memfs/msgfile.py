@@ -95,10 +95,16 @@ class Format:
     error: type[Exception]
     v1_magic: str = ""           # the msgpack "magic" value of version-1 files
     not_a: str = ""              # "not a ..." for a file of another kind
+    older: tuple[int, ...] = ()  # earlier versions still read (written: ``version`` only)
 
     @property
     def kind(self) -> str:
         return self.not_a or f"msgpack {self.what}"
+
+    @property
+    def reads(self) -> str:
+        """The versions this memfs reads, for messages: "2", "2 and 3"."""
+        return " and ".join(str(v) for v in sorted({*self.older, self.version}))
 
     def fail(self, why: str) -> Exception:
         return self.error(why)
@@ -154,12 +160,13 @@ def _header(fmt: Format, view: memoryview, file_size: int) -> tuple[int, int]:
     if len(view) < HEADER_SIZE or view[:8] != fmt.magic:
         if _looks_v1(fmt, view):
             raise fmt.fail(f"a version 1 {fmt.what} (no checksum), written by an older memfs: "
-                           f"this memfs reads version {fmt.version} only; make it again")
+                           f"this memfs reads version{'s' if fmt.older else ''} {fmt.reads} "
+                           "only; make it again")
         raise fmt.fail(f"not a {fmt.kind} (bad magic)")
     _, version, doc_len, length = _HEAD.unpack_from(view)
-    if version != fmt.version:
+    if version != fmt.version and version not in fmt.older:
         raise fmt.fail(f"unsupported {fmt.what} version {version} (this memfs reads "
-                       f"{fmt.version})")
+                       f"{fmt.reads})")
     if length != file_size - HEADER_SIZE or doc_len > length:
         raise fmt.fail(f"{fmt.what} is truncated or has trailing bytes (header says "
                        f"{length} bytes of content, the file holds {file_size - HEADER_SIZE})")

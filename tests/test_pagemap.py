@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from array import array
 
 import msgpack
@@ -58,8 +59,8 @@ def pack(d: object, raw: bytes = RAW) -> bytes:
 
 
 @pytest.mark.parametrize("raw, message", [
-    (RAW[:-1], "the regions need 306 bytes of per-page arrays, the file holds 305"),
-    (RAW + bytes(8), "the regions need 306 bytes of per-page arrays, the file holds 314"),
+    (RAW[:-1], "the regions need 302 bytes of per-page arrays, the file holds 301"),
+    (RAW + bytes(8), "the regions need 302 bytes of per-page arrays, the file holds 310"),
     (b"\x07" + RAW[1:], "region 'ram0': unknown page state"),
     (RAW[:16] + b"\x05" + RAW[17:], "region 'ram0': disk index out of range (have 2 disks)"),
 ])
@@ -76,7 +77,7 @@ def test_malformed_arrays_say_what_is_wrong(raw, message) -> None:
     (lambda d: d["regions"][1].update(name="ram0"), "duplicate region name"),
     (lambda d: d["regions"][0].update(page_size=3000), "bad page size"),
     (lambda d: d["regions"][0].update(size=2 * 4096),
-     "the regions need 54 bytes of per-page arrays, the file holds 306"),
+     "the regions need 50 bytes of per-page arrays, the file holds 302"),
     (lambda d: d.update(disks=["/only-one"]), "disk index out of range"),
     (lambda d: d.update(disks=[]), "remote pages but no disks"),
     (lambda d: d.update(disks="x"), "'disks' should be list"),
@@ -99,11 +100,11 @@ def test_envelope_magic_version_and_old_files() -> None:
     with pytest.raises(PageMapError, match=r"^not a msgpack page map \(bad magic\)$"):
         PageMap.loads(b"MEMFS-TR" + good[8:])
     with pytest.raises(PageMapError, match=r"^unsupported page map version 99 \(this memfs "
-                                           r"reads 2\)$"):
+                                           r"reads 2 and 3\)$"):
         PageMap.loads(good[:8] + (99).to_bytes(4, "little") + good[12:])
     v1 = msgpack.packb({"magic": "memfs-pagemap", "version": 1, **doc()})  # roughly v1
     with pytest.raises(PageMapError, match=r"^a version 1 page map \(no checksum\), written by "
-                                           r"an older memfs: this memfs reads version 2 only; "
+                                           r"an older memfs: this memfs reads versions 2 and 3 only; "
                                            r"make it again$"):
         PageMap.loads(v1)
     with pytest.raises(PageMapError, match="truncated or has trailing bytes"):
@@ -270,27 +271,85 @@ def big_map(npages: int, odd: int | None = None) -> PageMap:
 
 BIG = 3 * msgfile.SINK_CHUNK // 8 + 5  # pages: the offsets in four chunks, the last short
 
+#: the format an older memfs wrote: every region's offsets as uint64s
+V2 = msgfile.Format(FORMAT.magic, 2, FORMAT.what, FORMAT.error)
 
+
+def v2_dumps(pm: PageMap) -> bytes:
+    """``pm`` as a version 2 file: no ``offset_shift``, uint64 offsets."""
+    d = {"disks": list(pm.disks), "meta": pm.meta,
+         "regions": [{"name": r.name, "size": r.size, "page_size": r.page_size}
+                     for r in pm.regions]}
+    raw: list[bytes] = []
+    for r in pm.regions:
+        raw += [bytes(r.states), bytes(r.disks), bytes(r.offsets.le_bytes()),
+                struct.pack(f"<{r.npages}Q", *r.checksums)]
+    return msgfile.dumps(V2, [msgpack.packb(d, use_bin_type=True)], raw)
+
+
+def test_version_3_keeps_packed_offsets_packed_and_reads_version_2() -> None:
+    """A region whose offsets fit is 4 bytes a page smaller than in version
+    2; one that does not fit is written as before; a version 2 file of the
+    same map reads back equal, its offsets packed on the way in."""
+    pm = sample_map()
+    assert [r.offsets.compact for r in pm.regions] == [False, True]
+    v3, v2 = pm.dumps(), v2_dumps(pm)
+    tail3, tail2 = msgfile.loads_raw(FORMAT, v3)[1], msgfile.loads_raw(V2, v2)[1]
+    assert len(tail2) - len(tail3) == 4 * pm.region("ram1").npages
+    assert int.from_bytes(v3[8:12], "little") == 3 and int.from_bytes(v2[8:12], "little") == 2
+    for blob in (v3, v2):
+        back = PageMap.loads(blob)
+        assert back.regions == pm.regions and back.disks == pm.disks
+        assert [r.offsets.compact for r in back.regions] == [False, True]
+    big = big_map(BIG)
+    assert len(msgfile.loads_raw(V2, v2_dumps(big))[1]) == 18 * BIG
+    assert len(msgfile.loads_raw(FORMAT, big.dumps())[1]) == 14 * BIG
+
+
+@pytest.mark.parametrize("shift, message", [
+    (4, "region #0: 'offset_shift' should be 0 or 8, not 4"),
+    ("8", "region #0: 'offset_shift' should be int, not str"),
+])
+def test_a_bad_offset_shift_is_refused(shift, message) -> None:
+    d = doc()
+    d["regions"][0]["offset_shift"] = shift
+    with pytest.raises(PageMapError, match=f"^{message}$"):
+        PageMap.loads(pack(d))
+
+
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("odd", [None, 0, msgfile.SINK_CHUNK // 8, BIG - 1])
-def test_a_map_loaded_from_a_file_packs_its_offsets_while_reading(tmp_path, odd) -> None:
+def test_a_map_loaded_from_a_file_packs_its_offsets(tmp_path, odd, version) -> None:
+    """Version 3 reads packed offsets straight into place; version 2's
+    uint64s are packed while they are read, unless one does not fit."""
     pm = big_map(BIG, odd)
     path = tmp_path / "pm"
-    pm.save(path)
-    assert path.read_bytes() == pm.dumps()
+    if version == 3:
+        pm.save(path)
+        assert path.read_bytes() == pm.dumps()
+    else:
+        path.write_bytes(v2_dumps(pm))
     back = PageMap.load(path).regions[0]
     assert back == pm.regions[0] and back.offsets.compact == (odd is None)
-    assert PageMap.loads(pm.dumps()).regions[0] == back
+    assert PageMap.loads(path.read_bytes()).regions[0] == back
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 8 * BIG - 1), st.sampled_from([0, 1, 4, 5, 7]), st.integers(0, 7))
+@given(st.integers(0, 8 * BIG - 1), st.sampled_from([0, 1, 4, 5, 7]), st.integers(0, 7),
+       st.sampled_from([2, 3]))
 def test_a_flipped_offset_bit_in_a_file_is_refused(tmp_path_factory, page: int, byte: int,
-                                                    bit: int) -> None:
-    """Anywhere in the offsets, in every chunk, and in the bytes that decide
-    whether they stay compact: refused with the file's name, never loaded."""
+                                                    bit: int, version: int) -> None:
+    """Anywhere in the offsets, in every chunk, and (version 2) in the bytes
+    that decide whether they stay compact: refused with the file's name,
+    never loaded."""
     pm = big_map(BIG)
-    good = pm.dumps()
-    at = good.index(pm.regions[0].offsets.le_bytes()) + 8 * (page % BIG) + byte
+    offsets = pm.regions[0].offsets
+    if version == 3:  # packed little-endian uint32s
+        good = pm.dumps()
+        at = good.index(struct.pack(f"<{BIG}I", *offsets.raw)) + 4 * (page % BIG) + byte % 4
+    else:
+        good = v2_dumps(pm)
+        at = good.index(offsets.le_bytes()) + 8 * (page % BIG) + byte
     bad = bytearray(good)
     bad[at] ^= 1 << bit
     path = tmp_path_factory.mktemp("pm") / "pm"

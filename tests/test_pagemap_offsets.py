@@ -121,24 +121,32 @@ def test_one_value_that_does_not_fit_anywhere_keeps_uint64(n: int, where: str, b
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(VALUE, min_size=1, max_size=40))
-def test_the_page_map_file_is_what_the_uint64_array_wrote(tmp_path_factory,
-                                                          values: list[int]) -> None:
-    """Packed or not, the file holds the offsets as little-endian uint64s:
-    the same bytes as a map whose offsets were kept as the plain array."""
+def test_the_page_map_file_holds_the_offsets_as_memory_does(tmp_path_factory,
+                                                            values: list[int]) -> None:
+    """Packed offsets are written packed (uint32 ``offset >> 8``), the others
+    as little-endian uint64s; either file reads back to the same values, and
+    a uint64 file whose values all fit reads back packed."""
     n = len(values)
     states, disks, sums = bytearray([1]) * n, bytearray(n), array("Q", range(n))
     packed = Region("ram0", n * PAGE_SIZE, PAGE_SIZE, states, disks, array("Q", values), sums)
     plain = Region("ram0", n * PAGE_SIZE, PAGE_SIZE, bytearray(states), bytearray(disks),
                    Offsets(array("Q", values)), array("Q", sums))
-    assert packed.offsets.compact == all(fits(v) for v in values) and not plain.offsets.compact
+    fit = all(fits(v) for v in values)
+    assert packed.offsets.compact == fit and not plain.offsets.compact
     blob = PageMap(disks=["/v"], regions=[packed]).dumps()
-    assert blob == PageMap(disks=["/v"], regions=[plain]).dumps()
-    assert struct.pack(f"<{n}Q", *values) in blob
+    wide = PageMap(disks=["/v"], regions=[plain]).dumps()
+    assert struct.pack(f"<{n}Q", *values) in wide
+    if fit:
+        assert struct.pack(f"<{n}I", *(v >> 8 for v in values)) in blob
+        assert len(wide) - len(blob) == 4 * n  # offset_shift 8 and 0 take a byte each
+    else:
+        assert blob == wide
     path = tmp_path_factory.mktemp("pm") / "pm"
     PageMap(disks=["/v"], regions=[packed]).save(path)
-    for back in (PageMap.load(path).regions[0], PageMap.loads(blob).regions[0]):
+    for back in (PageMap.load(path).regions[0], PageMap.loads(blob).regions[0],
+                 PageMap.loads(wide).regions[0]):
         assert list(back.offsets) == values and back == packed == plain
-        assert back.offsets.compact == packed.offsets.compact
+        assert back.offsets.compact == fit
 
 
 def test_region_setters_keep_every_offset() -> None:

@@ -1,7 +1,14 @@
 """The page map and its file: disks and regions, saved as a msgfile
 envelope (magic, version, xxh3-128 of the whole content) whose per-page
 arrays are read straight into place.  A file that fails any check is
-refused whole.  Pure data."""
+refused whole.  Pure data.
+
+Version 3 keeps a region's offsets in the file as memory holds them: packed
+uint32s (``offset >> 8``, the region's ``offset_shift`` 8) when they fit,
+uint64s otherwise.  A 16 Mi page map is 22 % smaller than in version 2,
+which held uint64s always (288 MiB against 224), and its packed offsets are
+read straight into place.  Version 2 files are still read, their offsets
+packed on the way in (offsets.Packer)."""
 
 from __future__ import annotations
 
@@ -13,14 +20,15 @@ from typing import Any, Iterator
 import msgpack
 
 from .. import msgfile
-from .offsets import Offsets, Packer
+from .offsets import _U32, SHIFT, Offsets, Packer
 from .region import (_LITTLE, MAX_DISKS, MAX_REGIONS, PageMapError, PageState, Region,
                      check_geometry, u64_bytes)
 
 MAGIC = b"MEMFS-PM"
-VERSION = 2
+VERSION = 3
 
-FORMAT = msgfile.Format(MAGIC, VERSION, "page map", PageMapError, v1_magic="memfs-pagemap")
+FORMAT = msgfile.Format(MAGIC, VERSION, "page map", PageMapError, v1_magic="memfs-pagemap",
+                        older=(2,))
 
 
 @dataclass
@@ -64,16 +72,16 @@ class PageMap:
         """The msgpack document: disks, meta, and each region's geometry; the
         per-page arrays follow it in the file's raw tail, region by region
         (states, disks, offsets, checksums), written straight from memory."""
-        regions = [{"name": r.name, "size": r.size, "page_size": r.page_size}
-                   for r in self.regions]
+        regions = [{"name": r.name, "size": r.size, "page_size": r.page_size,
+                    "offset_shift": r.offsets.shift} for r in self.regions]
         return msgpack.packb({"disks": list(self.disks), "meta": self.meta,
                               "regions": regions}, use_bin_type=True)
 
     def _raw(self) -> list[memoryview | msgfile.Source]:
         out: list[memoryview | msgfile.Source] = []
         for r in self.regions:
-            out += [memoryview(r.states), memoryview(r.disks), _LeOffsets(r.offsets),
-                    _le(r.checksums)]
+            offsets = _le32(r.offsets.raw) if r.offsets.shift else _LeOffsets(r.offsets)
+            out += [memoryview(r.states), memoryview(r.disks), offsets, _le(r.checksums)]
         return out
 
     def dumps(self) -> bytes:
@@ -113,6 +121,15 @@ def _le(a: array) -> memoryview:
     return memoryview(a).cast("B") if _LITTLE else memoryview(u64_bytes(a))
 
 
+def _le32(a: array) -> memoryview:
+    """Packed offsets (4-byte items) as the file holds them, little-endian."""
+    if _LITTLE:
+        return memoryview(a).cast("B")
+    b = array(a.typecode, a)
+    b.byteswap()
+    return memoryview(b).cast("B")
+
+
 class _LeOffsets:
     """A region's offsets as the file holds them (little-endian uint64s),
     unpacked a piece at a time while the file is written (a msgfile.Source)."""
@@ -138,8 +155,9 @@ def get_field(d: dict, key: str, typ: type, where: str,
     return v
 
 
-def _geometry(doc: dict) -> list[tuple[str, int, int]]:
-    """(name, size, page size) of each region, checked."""
+def _geometry(doc: dict) -> list[tuple[str, int, int, int]]:
+    """(name, size, page size, offset shift) of each region, checked; a
+    version 2 region has no ``offset_shift``: its offsets are uint64s."""
     regions_doc = get_field(doc, "regions", list, "page map")
     if len(regions_doc) > MAX_REGIONS:
         raise PageMapError("page map: too many regions")
@@ -152,26 +170,33 @@ def _geometry(doc: dict) -> list[tuple[str, int, int]]:
         size = get_field(rd, "size", int, where)
         page_size = get_field(rd, "page_size", int, where)
         check_geometry(name, size, page_size)
+        shift = get_field(rd, "offset_shift", int, where) if "offset_shift" in rd else 0
+        if shift not in (0, SHIFT):
+            raise PageMapError(f"{where}: 'offset_shift' should be 0 or {SHIFT}, not {shift}")
+        if shift and not _U32:
+            raise PageMapError(f"{where}: packed offsets, and no 4-byte array type here")
         if name in names:
             raise PageMapError(f"duplicate region name {name!r}")
         names.add(name)
-        out.append((name, size, page_size))
+        out.append((name, size, page_size, shift))
     return out
 
 
 def _alloc(doc: dict, raw_len: int) -> list[bytearray | array | Packer]:
     """Zeroed per-page arrays for the regions ``doc`` describes, once their
     total size is known to be the file's: a lying document cannot make us
-    allocate more than the file holds.  The offsets are packed as they are
-    read (a Packer), never held as the file's uint64s."""
-    npages = [size // ps for _, size, ps in _geometry(doc)]
-    need = 18 * sum(npages)
+    allocate more than the file holds.  Packed offsets are read straight
+    into place; uint64 offsets are packed as they are read (a Packer), never
+    held as the file's uint64s."""
+    regions = [(size // ps, shift) for _, size, ps, shift in _geometry(doc)]
+    need = sum(n * (18 - 4 * bool(shift)) for n, shift in regions)
     if need != raw_len:
         raise PageMapError(f"the regions need {need} bytes of per-page arrays, the file "
                            f"holds {raw_len}")
     bufs: list[bytearray | array | Packer] = []
-    for n in npages:
-        bufs += [bytearray(n), bytearray(n), Packer(n), array("Q", [0]) * n]
+    for n, shift in regions:
+        offsets = array(_U32, [0]) * n if shift else Packer(n)
+        bufs += [bytearray(n), bytearray(n), offsets, array("Q", [0]) * n]
     return bufs
 
 
@@ -184,12 +209,18 @@ def _build(doc: dict, bufs: list) -> PageMap:
     if not isinstance(meta, dict):
         raise PageMapError("page map: 'meta' should be a map")
     pm = PageMap(disks=list(disks), meta=meta)
-    for k, (name, size, ps) in enumerate(_geometry(doc)):
-        states, pdisks, packer, checksums = bufs[4 * k:4 * k + 4]
+    for k, (name, size, ps, _) in enumerate(_geometry(doc)):
+        states, pdisks, offsets, checksums = bufs[4 * k:4 * k + 4]
         if not _LITTLE:
             checksums.byteswap()
+        if isinstance(offsets, Packer):
+            offsets = offsets.result()
+        else:
+            if not _LITTLE:
+                offsets.byteswap()
+            offsets = Offsets(offsets, SHIFT)
         _check_pages(name, states, pdisks, len(disks))
-        pm.regions.append(Region(name, size, ps, states, pdisks, packer.result(), checksums))
+        pm.regions.append(Region(name, size, ps, states, pdisks, offsets, checksums))
     return pm
 
 

@@ -13,10 +13,12 @@ The packing runs on bytes, at C speed: the uint32 ``offset >> 8`` is bytes
 "fits" is bytes 0 and 5..7 being zero.  No Python loop visits 16 Mi entries.
 It runs on 64 KiB of uint64s at a time, which stay in the CPU's cache.
 
-The page map FILE keeps uint64s.  A file is packed while it is read
-(:class:`Packer`, handed the file's bytes in chunks) and unpacked a piece at
-a time while it is written (:meth:`Offsets.le_chunks`): the uint64 form of a
-compact array never exists whole in memory (128 MiB at 16 Mi pages).
+A page map file (version 3) keeps a compact array as it is, and uint64s
+otherwise.  A version 2 file, whose offsets are always uint64s, is packed
+while it is read (:class:`Packer`, handed the file's bytes in chunks), and
+a wide array is written a piece at a time (:meth:`Offsets.le_chunks`): the
+uint64 form of a compact array never exists whole in memory (128 MiB at
+16 Mi pages).
 Hot loops read :attr:`raw` and :attr:`shift` once (``raw[p] << shift``)
 instead of paying a Python ``__getitem__`` per page; they must read them
 again after anything that may assign, since a widening replaces :attr:`raw`.
