@@ -59,14 +59,17 @@ def mounted(pagemap: str | None, mountpoint: str, *extra: str,
     log = log or mountpoint.rstrip("/") + ".log"
     args = MEMFS + ["mount", "-f", "--log", log] + ([pagemap] if pagemap else []) \
         + [mountpoint] + list(extra)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file beside the log: what a daemon that dies says there (a
+    # traceback, a one-line error) is in the report of the test that saw it
+    with open(log + ".stderr", "wb") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
     DAEMONS.append((log, proc))
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(os.path.join(mountpoint, ".memfs", "pid")):
             if proc.poll() is not None:
                 raise AssertionError(f"mount exited {proc.returncode}: "
-                                     f"{proc.stderr.read().decode()}\n{_tail(log)}")
+                                     f"{_tail(log + '.stderr')}\n{_tail(log)}")
             if time.monotonic() > deadline:
                 raise AssertionError("mount did not come up in 30 s\n" + _tail(log))
             time.sleep(0.02)
