@@ -115,9 +115,10 @@ def test_full_store_fails_writes_with_enospc_and_reads_go_on(tmp_path, ram) -> N
     print(f"\nWRITE on a full store: ENOSPC in {took * 1000:.1f} ms")
 
 
+@pytest.mark.expect_log("stopped: local store .* holds the pages of another mount")
 def test_remount_never_truncates_the_store(tmp_path, ram) -> None:
-    """The same --store again: refused with one line, the pages the guest
-    wrote still there."""
+    """The same --store again: refused with one line, on stderr and in the
+    daemon's log, the pages the guest wrote still there."""
     path, data = ram
     pm = capture(tmp_path, path)
     mnt, store = str(tmp_path / "mnt"), tmp_path / "store"
@@ -132,9 +133,11 @@ def test_remount_never_truncates_the_store(tmp_path, ram) -> None:
     res = memfs("mount", "-f", "--log", str(tmp_path / "again.log"), pm, mnt,
                 "--store", str(store), check=False)
     assert res.returncode == 1
-    assert res.stderr.strip() == (f"memfs: local store {pages} holds the pages of another "
-                                  "mount; continue that mount with --resume STATE, or "
-                                  "remove the file")
+    why = (f"local store {pages} holds the pages of another mount; continue that mount "
+           "with --resume STATE, or remove the file")
+    assert res.stderr.strip() == f"memfs: {why}"
+    assert (tmp_path / "again.log").read_text().rstrip().endswith(
+        f" memfs.daemon CRITICAL: stopped: {why}")
     assert pages.read_bytes() == kept
     assert not os.path.ismount(mnt)
 

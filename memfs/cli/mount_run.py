@@ -23,7 +23,7 @@ from ..detach import Ready, run_detached
 from ..fileio import PRIVATE, create_new
 from ..logs import RUN_DIR, open_log, setup_logging
 from ..pagemap import PageMap
-from ..report import parse_size
+from ..report import error_line, is_expected, parse_size, unwrap
 from ..state import State, default_dir
 from ..supervisor import SOCKET, Supervisor, SupervisorError, ask
 from ..takeover import TakeoverError, detach, mount_fuse, read_init
@@ -97,9 +97,26 @@ def run(a: argparse.Namespace) -> int:
 
     if a.foreground:
         setup_logging(a.debug, a.log)
-        trio.run(Daemon(opts).run)
+        try:
+            trio.run(Daemon(opts).run)
+        except Exception as e:
+            if a.log:  # main() tells stderr; an operator reads the log file
+                _log_fatal(e)
+            raise
         return 0
     return _daemonize(opts, a)
+
+
+def _log_fatal(e: BaseException) -> None:
+    """The error that stops a foreground daemon, in its log file too: with
+    --log, stderr is often a pipe nobody reads (a test harness, a service
+    manager's journal apart from the log)."""
+    err = unwrap(e)
+    if is_expected(err):
+        logging.getLogger("memfs.daemon").critical("stopped: %s", error_line(err))
+    else:
+        logging.getLogger("memfs.daemon").critical("stopped by a bug: %s", error_line(err),
+                                                   exc_info=err)
 
 
 def _daemonize(opts: MountOptions, a: argparse.Namespace) -> int:
