@@ -79,6 +79,7 @@ def mounted(pagemap: str | None, mountpoint: str, *extra: str,
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            print(f"daemon {proc.pid} did not stop:\n{thread_stacks(proc.pid)}")
             proc.kill()
             proc.wait()
         if is_mounted(mountpoint):
@@ -97,6 +98,29 @@ def _unmount(mountpoint: str) -> None:
         if res.returncode == 0 or "busy" not in res.stderr:
             return
         time.sleep(0.1)
+
+
+def thread_stacks(pid: int) -> str:
+    """Each thread of ``pid``: its name, state, wait channel and kernel stack
+    (root): printed when a daemon does not stop, it tells a READ stuck in the
+    daemon from a daemon stuck in the kernel."""
+    out = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as e:
+        return f"pid {pid}: {e.strerror}"
+    for tid in tids:
+        parts = []
+        for name in ("comm", "wchan", "stack"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                    parts.append(f.read().strip())
+            except OSError as e:
+                parts.append(f"({name}: {e.strerror})")
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        out.append(f"thread {tid} {parts[0]} state {state} wchan {parts[1]}\n{parts[2]}")
+    return "\n".join(out)
 
 
 def _tail(path: str, n: int = 3000) -> str:

@@ -28,6 +28,7 @@ from memfs.qemu import VM, file_backend, qemu_binary
 from memfs.qemu.guest import (GuestImage, GuestSum, expected_fill_md5,
                               expected_work_md5, guest_config, read_sum)
 from memfs.qemu.migrate import MigrateOptions, MigrateReport, migrate
+from ramimage import thread_stacks
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
 
@@ -83,6 +84,7 @@ def waiting_mount(where: Path, size: int = RAM, **opts: object) -> Iterator[Path
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=10)
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
+            print(f"the mount at {mnt} did not stop:\n{thread_stacks(proc.pid)}")
             fuse_abort(mnt)
             proc.kill()
             proc.wait(timeout=10)
