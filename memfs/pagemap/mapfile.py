@@ -22,7 +22,7 @@ import msgpack
 from .. import msgfile
 from .offsets import _U32, SHIFT, Offsets, Packer
 from .region import (_LITTLE, MAX_DISKS, MAX_REGIONS, PageMapError, PageState, Region,
-                     check_geometry, u64_bytes)
+                     check_geometry)
 
 MAGIC = b"MEMFS-PM"
 VERSION = 3
@@ -80,7 +80,7 @@ class PageMap:
     def _raw(self) -> list[memoryview | msgfile.Source]:
         out: list[memoryview | msgfile.Source] = []
         for r in self.regions:
-            offsets = _le32(r.offsets.raw) if r.offsets.shift else _LeOffsets(r.offsets)
+            offsets = _le(r.offsets.raw) if r.offsets.shift else _LeOffsets(r.offsets)
             out += [memoryview(r.states), memoryview(r.disks), offsets, _le(r.checksums)]
         return out
 
@@ -118,11 +118,9 @@ class PageMap:
 
 
 def _le(a: array) -> memoryview:
-    return memoryview(a).cast("B") if _LITTLE else memoryview(u64_bytes(a))
-
-
-def _le32(a: array) -> memoryview:
-    """Packed offsets (4-byte items) as the file holds them, little-endian."""
+    """An array's bytes as the file holds them, little-endian: the array
+    itself here, a byte-swapped copy on a big-endian host (checksums,
+    packed offsets)."""
     if _LITTLE:
         return memoryview(a).cast("B")
     b = array(a.typecode, a)
