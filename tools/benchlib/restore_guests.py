@@ -5,7 +5,9 @@ against them."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -55,6 +57,14 @@ class Tail:
         if data:
             *lines, self._buf = (self._buf + data).split(b"\n")
             self.ticks += [(now, 0) for ln in lines if ln.startswith(b"T ")]
+
+
+def restore_options(a: argparse.Namespace, trace: bool) -> list[str]:
+    """What the bench's own options add to a ``memfs restore`` command, the
+    one command's and the pool's alike: no trace, the MACs kept, and
+    --restore-args as they were given."""
+    return (([] if trace else ["--no-trace"]) + (["--keep-mac"] if a.keep_mac else [])
+            + shlex.split(a.restore_args or ""))
 
 
 async def tail_all(tails: list[Tail]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from memfs import hostmem
 
 from benchlib.host import drop_caches
 from benchlib.mounts import MEMFS, umount
-from benchlib.restore_guests import Tail, command_times, run_timed, until_complete
+from benchlib.restore_guests import (Tail, command_times, restore_options, run_timed,
+                                     until_complete)
 
 #: the command as a user types it (the installed ``memfs`` script, which
 #: answers a pool request before argparse loads), else ``python -m memfs``
@@ -48,8 +48,7 @@ async def run_memfs_pool(kind: str, n: int, snap_dir: Path, work: Path,
     out: dict[str, Any] = {"kind": kind, "clones": n, "trace": trace}
     serve = [*MEMFS, "restore", str(snap_dir), "--mount", str(mnt), "--run-dir", str(rdir),
              "--name", "p", "--clones", str(n), "--store", str(store), "--serve", str(sock)]
-    serve += ([] if trace else ["--no-trace"]) + (["--keep-mac"] if a.keep_mac else [])
-    serve += shlex.split(a.restore_args or "")
+    serve += restore_options(a, trace)
     server = subprocess.Popen(serve,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:

@@ -22,8 +22,8 @@ from memfs.qemu.restore import CloneConfig, ensure_mount, open_snapshot
 
 from benchlib.host import anon_in_mapping, drop_caches
 from benchlib.mounts import MEMFS, umount
-from benchlib.restore_guests import (FullConfig, Tail, command_times, run_timed, timings,
-                                     until_complete)
+from benchlib.restore_guests import (FullConfig, Tail, command_times, restore_options,
+                                     run_timed, timings, until_complete)
 from benchlib.restore_pool import run_memfs_pool
 
 
@@ -115,12 +115,8 @@ async def run_memfs(kind: str, n: int, snap_dir: Path, work: Path, a: argparse.N
             snap, str(mnt), trace=trace, extra=["--store", str(store)]))
         await until_complete(mnt)
     cmd = [*MEMFS, "restore", str(snap_dir), "--mount", str(mnt),
-           "--clones", str(n), "--run-dir", str(rdir), "--name", "m", "--store", str(store)]
-    if not trace:
-        cmd.append("--no-trace")
-    if a.keep_mac:
-        cmd.append("--keep-mac")
-    cmd += shlex.split(a.restore_args or "")
+           "--clones", str(n), "--run-dir", str(rdir), "--name", "m", "--store", str(store),
+           *restore_options(a, trace)]
     tails = [Tail(rdir / f"m{i}.console") for i in range(n)]
     try:
         t0, t_end, rep, per = await run_timed("memfs restore", cmd, tails, a.seconds,
