@@ -97,7 +97,7 @@ def daemon_log_check(request: pytest.FixtureRequest) -> Iterator[None]:
         logs.update(str(p) for p in tmp.rglob("*.log") if p.is_file())
     problems = daemon_problems(sorted(logs), [(p.args, p.returncode) for _, p in daemons],
                                wanted, codes)
-    problems += [f"its stderr ({log}.stderr): {ramimage._tail(log + '.stderr', 1500)}"
+    problems += [f"its stderr ({log}.stderr): {ramimage.file_tail(log + '.stderr', 1500)}"
                  for log, p in daemons if p.returncode not in codes | {None}]
     if problems:
         pytest.fail("unexpected daemon log lines or exit status (declare them with "

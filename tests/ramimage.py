@@ -69,9 +69,9 @@ def mounted(pagemap: str | None, mountpoint: str, *extra: str,
         while not os.path.exists(os.path.join(mountpoint, ".memfs", "pid")):
             if proc.poll() is not None:
                 raise AssertionError(f"mount exited {proc.returncode}: "
-                                     f"{_tail(log + '.stderr')}\n{_tail(log)}")
+                                     f"{file_tail(log + '.stderr')}\n{file_tail(log)}")
             if time.monotonic() > deadline:
-                raise AssertionError("mount did not come up in 30 s\n" + _tail(log))
+                raise AssertionError("mount did not come up in 30 s\n" + file_tail(log))
             time.sleep(0.02)
         yield proc
     finally:
@@ -123,7 +123,9 @@ def thread_stacks(pid: int) -> str:
     return "\n".join(out)
 
 
-def _tail(path: str, n: int = 3000) -> str:
+def file_tail(path: str, n: int = 3000) -> str:
+    """The last ``n`` characters of a daemon's log or stderr file, for a
+    failure's message ("" when there is none)."""
     try:
         with open(path) as f:
             return f.read()[-n:]
